@@ -1,0 +1,68 @@
+"""Baselines the benchmarks compare moe_kit against, on the same weights as a MoELayer.
+
+Legend: N tokens, D model width, E experts, k experts per token, I expert hidden width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_kit import MoELayer
+
+
+class HFEagerMoEBlock(nn.Module):
+    """HuggingFace's eager Qwen3-MoE sparse block (transformers 5.x), sharing a MoELayer's weights.
+
+    Router: linear -> softmax -> top-k -> optional renormalization. Experts: one Python iteration
+    per hit expert, indexing the 3D weights (gate_up_proj[e], down_proj[e]) and index_add_.
+    """
+
+    def __init__(self, layer: MoELayer):
+        super().__init__()
+        self.layer = layer  # holds the weights; only its parameters are used
+        self.top_k = layer.cfg.top_k
+        self.num_experts = layer.cfg.num_experts
+        self.norm_topk_prob = layer.cfg.norm_topk_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        hidden_states = hidden_states.reshape(-1, shape[-1])
+        router_logits = F.linear(hidden_states, self.layer.gate.weight)
+        routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
+        routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+        routing_weights = routing_weights.to(hidden_states.dtype)
+        return self._experts(hidden_states, selected_experts, routing_weights).reshape(shape)
+
+    def _experts(self, hidden_states, top_k_index, top_k_weights):
+        gate_up_proj, down_proj = self.layer.experts.gate_up_proj, self.layer.experts.down_proj
+        final_hidden_states = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert_idx in expert_hit:
+            expert_idx = expert_idx[0]
+            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+            current_state = hidden_states[token_idx]
+            gate, up = F.linear(current_state, gate_up_proj[expert_idx]).chunk(2, dim=-1)
+            current_hidden_states = F.silu(gate) * up
+            current_hidden_states = F.linear(current_hidden_states, down_proj[expert_idx])
+            current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+        return final_hidden_states
+
+
+class DenseSwiGLU(nn.Module):
+    """One SwiGLU MLP with hidden width k*I: the same active FLOPs per token as the MoE layer."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)

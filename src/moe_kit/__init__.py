@@ -1,0 +1,24 @@
+"""moe_kit: Mixture-of-Experts layers for PyTorch."""
+
+from moe_kit.config import MoEConfig
+from moe_kit.experts import Expert, GroupedExperts, SharedExpert
+from moe_kit.gates import HashGate, TopKGate, hash_table, set_aux_loss_scale, update_expert_bias
+from moe_kit.layer import MoELayer
+from moe_kit.stats import RoutingStats, routing_stats
+
+__all__ = [
+    "MoEConfig",
+    "TopKGate",
+    "HashGate",
+    "hash_table",
+    "update_expert_bias",
+    "set_aux_loss_scale",
+    "Expert",
+    "SharedExpert",
+    "GroupedExperts",
+    "MoELayer",
+    "RoutingStats",
+    "routing_stats",
+]
+
+__version__ = "0.1.0"

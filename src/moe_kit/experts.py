@@ -1,0 +1,71 @@
+"""SwiGLU experts: one `Expert`, the always-on `SharedExpert`, and `GroupedExperts` (3D weights).
+
+Legend: D model width, I expert hidden width, E experts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from moe_kit.activations import swiglu_parts
+
+
+class Expert(nn.Module):
+    """SwiGLU MLP down(silu(gate(x)) * up(x)) with bias-free nn.Linear layers; x [..., D] -> [..., D]."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, swiglu_limit: float | None = None):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.swiglu_limit = swiglu_limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu_parts(self.gate_proj(x), self.up_proj(x), self.swiglu_limit))
+
+
+class SharedExpert(Expert):
+    """An Expert every token goes through; with `gated`, its output is scaled per token by
+    sigmoid(x @ gate.weight^T) as in Qwen2-MoE (`gate`: nn.Linear(D, 1, bias=False))."""
+
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, gated: bool = False, swiglu_limit: float | None = None
+    ):
+        super().__init__(hidden_size, intermediate_size, swiglu_limit)
+        self.gate = nn.Linear(hidden_size, 1, bias=False) if gated else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if self.gate is not None:
+            out = torch.sigmoid(self.gate(x)) * out
+        return out
+
+
+class GroupedExperts(nn.Module):
+    """The weights of E routed SwiGLU experts in the HuggingFace transformers layout.
+
+    gate_up_proj [E, 2I, D]: rows 0..I-1 project to the gate, rows I..2I-1 to the up branch.
+    down_proj [E, D, I]. Run them with moe_kit.ops.moe_ffn(x, weights, indices,
+    experts.gate_up_proj, experts.down_proj) or inside a MoELayer.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+        nn.init.uniform_(self.gate_up_proj, -1 / math.sqrt(self.hidden_size), 1 / math.sqrt(self.hidden_size))
+        bound = 1 / math.sqrt(self.intermediate_size)
+        nn.init.uniform_(self.down_proj, -bound, bound)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}"

@@ -1,0 +1,100 @@
+"""Functional MoE dispatch: `moe_ffn(x, weights, indices, gate_up_proj, down_proj, backend)`.
+
+Legend: N tokens, k slots per token, E experts, D model width, I expert hidden width.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_kit.activations import swiglu
+from moe_kit.ops.loop import moe_ffn_loop
+from moe_kit.ops.routing import RoutingPlan, routing_plan
+from moe_kit.ops.torch_ops import moe_ffn_torch
+
+__all__ = ["moe_ffn", "resolve_backend", "routing_plan", "RoutingPlan", "swiglu"]
+
+_BACKENDS = ("auto", "triton", "torch", "loop")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map "auto" to the best backend built for `device`; reject unknown names."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {list(_BACKENDS)}")
+    if backend == "triton":
+        raise ValueError("backend 'triton' is not built in this version of moe_kit; use 'torch' or 'auto'")
+    if backend == "auto":
+        return "torch"
+    return backend
+
+
+def moe_ffn(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    indices: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    backend: str = "auto",
+    *,
+    swiglu_limit: float | None = None,
+) -> torch.Tensor:
+    """Routed SwiGLU experts: sum_j weights[:, j] * SwiGLU_{indices[:, j]}(x).
+
+    Args:
+        x: [N, D] float activations.
+        weights: [N, k] float routing weights (any float dtype; cast to x.dtype for the combine).
+        indices: [N, k] integer expert ids in 0..E-1.
+        gate_up_proj: [E, 2I, D], first I rows the gate projection, next I rows the up projection.
+        down_proj: [E, D, I].
+        backend: "auto" | "torch" | "loop" ("triton" is not built yet; auto picks torch).
+        swiglu_limit: optional clamp (gate <= limit, |up| <= limit) before silu(gate) * up.
+    Returns:
+        [N, D] in x.dtype, differentiable in x, weights, gate_up_proj and down_proj.
+    """
+    check_moe_ffn_inputs(x, weights, indices, gate_up_proj, down_proj)
+    if indices.numel() and bool(((indices < 0) | (indices >= gate_up_proj.shape[0])).any()):
+        bad = indices[(indices < 0) | (indices >= gate_up_proj.shape[0])][0].item()
+        raise IndexError(f"expert id {bad} in indices is out of range for {gate_up_proj.shape[0]} experts")
+    return dispatch(x, weights, indices, gate_up_proj, down_proj, backend, swiglu_limit)
+
+
+def dispatch(x, weights, indices, gate_up_proj, down_proj, backend, swiglu_limit=None, has_dropped=False):
+    """moe_ffn without input checks; ids == E mark dropped slots when `has_dropped`."""
+    backend = resolve_backend(backend, x.device)
+    if backend == "loop":
+        return moe_ffn_loop(x, weights, indices, gate_up_proj, down_proj, swiglu_limit)
+    return moe_ffn_torch(x, weights, indices, gate_up_proj, down_proj, swiglu_limit, has_dropped)
+
+
+def check_moe_ffn_inputs(x, weights, indices, gate_up_proj, down_proj) -> None:
+    """Raise TypeError/ValueError naming the first inconsistent argument."""
+    for name, t in (("x", x), ("weights", weights), ("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.dtype == torch.bool:
+        raise TypeError(f"indices must be an integer tensor, got {getattr(indices, 'dtype', type(indices))}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be [N, D], got shape {tuple(x.shape)}")
+    if weights.dim() != 2 or indices.shape != weights.shape or weights.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"weights {tuple(weights.shape)} and indices {tuple(indices.shape)} must both be [N, k] "
+            f"with N = {x.shape[0]} (rows of x)"
+        )
+    if gate_up_proj.dim() != 3 or down_proj.dim() != 3:
+        raise ValueError("gate_up_proj must be [E, 2I, D] and down_proj [E, D, I]")
+    num_experts, two_i, hidden = gate_up_proj.shape
+    if hidden != x.shape[1] or two_i % 2 or down_proj.shape != (num_experts, hidden, two_i // 2):
+        raise ValueError(
+            f"expert weights do not fit x [N, {x.shape[1]}]: gate_up_proj {tuple(gate_up_proj.shape)} "
+            f"must be [E, 2I, D] and down_proj {tuple(down_proj.shape)} must be [E, D, I]"
+        )
+    if gate_up_proj.dtype != x.dtype or down_proj.dtype != x.dtype:
+        raise TypeError(
+            f"x ({x.dtype}), gate_up_proj ({gate_up_proj.dtype}) and down_proj ({down_proj.dtype}) "
+            "must share one dtype"
+        )
+    devices = {t.device for t in (x, weights, indices, gate_up_proj, down_proj)}
+    if len(devices) > 1:
+        raise ValueError(f"all moe_ffn inputs must be on one device, got {sorted(map(str, devices))}")
