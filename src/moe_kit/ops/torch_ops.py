@@ -113,6 +113,7 @@ class _SortedExpertsFFN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weights, gate_up, down, plan, num_rows, limit, deterministic):
+        gate_up, down = gate_up.contiguous(), down.contiguous()  # no-ops for parameters
         gemm = GroupedGemm(plan, num_rows, use_grouped_mm(x.dtype, x.device, *gate_up.shape[1:], down.shape[2]))
         token = plan.token_of_row[:num_rows]
         w_rows = weights.reshape(-1).index_select(0, plan.slot_of_row[:num_rows]).to(x.dtype)  # [R]
