@@ -8,13 +8,22 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moe_kit.activations import swiglu_parts
 
 
+def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """layer(x) computed in x's dtype, as the routed experts are (a bf16 input to an fp32 layer)."""
+    return F.linear(x, layer.weight.to(x.dtype))
+
+
 class Expert(nn.Module):
-    """SwiGLU MLP down(silu(gate(x)) * up(x)) with bias-free nn.Linear layers; x [..., D] -> [..., D]."""
+    """SwiGLU MLP down(silu(gate(x)) * up(x)) with bias-free nn.Linear layers.
+
+    x [..., D] -> [..., D] in x's dtype (weights are cast when the dtypes differ).
+    """
 
     def __init__(self, hidden_size: int, intermediate_size: int, swiglu_limit: float | None = None):
         super().__init__()
@@ -24,7 +33,8 @@ class Expert(nn.Module):
         self.swiglu_limit = swiglu_limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu_parts(self.gate_proj(x), self.up_proj(x), self.swiglu_limit))
+        hidden = swiglu_parts(_linear(x, self.gate_proj), _linear(x, self.up_proj), self.swiglu_limit)
+        return _linear(hidden, self.down_proj)
 
 
 class SharedExpert(Expert):
@@ -40,7 +50,7 @@ class SharedExpert(Expert):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
         if self.gate is not None:
-            out = torch.sigmoid(self.gate(x)) * out
+            out = torch.sigmoid(_linear(x, self.gate)) * out
         return out
 
 

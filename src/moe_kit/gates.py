@@ -59,7 +59,7 @@ class _Router(nn.Module):
         """Gather the unbiased scores of the chosen experts, normalize, scale, attach the losses."""
         weights = scores.gather(1, indices)  # [N, k]
         if self.cfg.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
         weights = weights * self.cfg.route_scale
         self.aux_loss = self.z_loss = None
         total = None
@@ -103,6 +103,14 @@ class TopKGate(_Router):
             self.bias = None
             self.expert_counts = None
 
+    def _apply(self, fn, recurse=True):
+        """model.to(bf16) must not round the bias and counts: they stay fp32, only change device."""
+        super()._apply(fn, recurse)
+        for name in ("bias", "expert_counts"):
+            if self._buffers.get(name) is not None:
+                self._buffers[name] = self._buffers[name].float()
+        return self
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch_shape = self._check_sequence_shape(x)
         logits = self._logits(self._flat_input(x))  # [N, E]
@@ -121,14 +129,14 @@ class TopKGate(_Router):
     def _limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
         """Mask to -inf every expert outside the token's best topk_groups groups."""
         num_tokens, groups = choice.shape[0], self.cfg.n_groups
-        grouped = choice.view(num_tokens, groups, -1)  # [N, G, E/G]
+        grouped = choice.view(num_tokens, groups, self.num_experts // groups)  # [N, G, E/G]
         if self.bias is None:
             group_scores = grouped.amax(dim=-1)
         else:  # DeepSeek-V3: sum of each group's two best biased scores
             group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
         best = group_scores.topk(self.cfg.topk_groups, dim=-1).indices  # [N, topk_groups]
         dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, best, False)
-        return grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).view(num_tokens, -1)
+        return grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).view(num_tokens, self.num_experts)
 
 
 class HashGate(_Router):

@@ -21,11 +21,15 @@ def moe_ffn_loop(
 ) -> torch.Tensor:
     """x [N, D], weights [N, k], indices int [N, k] -> [N, D]; ids >= E (dropped slots) are skipped."""
     out = torch.zeros_like(x)
+    ran = False
     for expert in range(gate_up_proj.shape[0]):
         token, slot = torch.where(indices == expert)
         if token.numel() == 0:
             continue
+        ran = True
         hidden = swiglu(x[token] @ gate_up_proj[expert].t(), swiglu_limit)  # [n_e, I]
         y = hidden @ down_proj[expert].t()  # [n_e, D]
         out = out.index_add(0, token, y * weights[token, slot].unsqueeze(1).to(y.dtype))
+    if not ran:  # no expert ran: the zero output still depends (with zero gradient) on every input
+        out = out + 0.0 * (x.sum() + weights.sum().to(x.dtype) + gate_up_proj.sum() + down_proj.sum())
     return out

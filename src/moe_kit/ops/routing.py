@@ -21,6 +21,7 @@ class RoutingPlan:
     counts: torch.Tensor  # int64 [E]: rows per expert (dropped slots not counted)
     offsets: torch.Tensor  # int64 [E + 1]: prefix sum of counts; expert e owns rows offsets[e]:offsets[e+1]
     num_experts: int
+    top_k: int
     has_dropped: bool  # True when some slots may carry the drop marker E (rows past offsets[-1])
 
 
@@ -44,5 +45,6 @@ def routing_plan(indices: torch.Tensor, num_experts: int, has_dropped: bool = Fa
         counts=counts,
         offsets=offsets,
         num_experts=num_experts,
+        top_k=top_k,
         has_dropped=has_dropped,
     )

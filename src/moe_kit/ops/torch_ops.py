@@ -178,7 +178,7 @@ def _sum_rows_per_token(rows: torch.Tensor, plan: RoutingPlan, num_tokens: int, 
         return rows.new_zeros(num_tokens, rows.shape[1]).index_add_(0, plan.token_of_row[:num_rows], rows)
     if num_rows < plan.row_of_slot.numel():
         rows = torch.cat([rows, rows.new_zeros(plan.row_of_slot.numel() - num_rows, rows.shape[1])])
-    return rows.index_select(0, plan.row_of_slot).view(num_tokens, -1, rows.shape[1]).sum(dim=1)
+    return rows.index_select(0, plan.row_of_slot).view(num_tokens, plan.top_k, rows.shape[1]).sum(dim=1)
 
 
 def moe_ffn_torch(

@@ -1,0 +1,619 @@
+"""moe_kit.ops: routing plan, capacity, and moe_ffn backends against plain-torch references.
+
+The reference `ref_moe_ffn` is dense: it runs every expert on every token, then combines the
+outputs with a dense [N, E] routing-weight matrix. It never calls moe_kit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moe_kit.ops import moe_ffn, routing_plan, torch_ops
+from moe_kit.ops.capacity import drop_overflow, expert_capacity
+from moe_kit.ops.loop import moe_ffn_loop
+from moe_kit.ops.torch_ops import moe_ffn_torch
+
+HYP = settings(max_examples=30, deadline=None)
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+BACKENDS = ["torch", "loop"]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
+    """Normwise relative error ||a - b|| / max(||b||, floor) (absolute when b is all zeros)."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    a, b = a.detach().double(), b.detach().double()
+    diff = (a - b).norm().item()
+    ref = max(b.norm().item(), floor)
+    return diff / ref if ref > 0 else diff
+
+
+def assert_close(a, b, tol, what="", floor=1.0):
+    """rel_err <= tol; the floor (values here are O(1)) keeps a small result formed by cancellation,
+    e.g. one routing-weight gradient <cot, y> of a single token, from failing on rounding alone."""
+    err = rel_err(a, b, floor)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def ref_moe_ffn(x, weights, indices, gate_up, down, limit=None):
+    """Dense reference: every expert on every token, then select with a dense [N, E] weight matrix.
+
+    Ids equal to E (dropped slots) land in an extra column that is thrown away.
+    """
+    num_experts, two_i, _ = gate_up.shape
+    inter = two_i // 2
+    h = torch.einsum("nd,emd->nem", x, gate_up)  # [N, E, 2I]
+    gate, up = h[..., :inter], h[..., inter:]
+    if limit is not None:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(-limit, limit)
+    act = gate * torch.sigmoid(gate) * up  # silu(gate) * up
+    y = torch.einsum("nei,edi->ned", act, down)  # [N, E, D]
+    dense = torch.zeros(x.shape[0], num_experts + 1, dtype=x.dtype)
+    dense = dense.scatter_add(1, indices.long(), weights.to(x.dtype))[:, :num_experts]
+    return torch.einsum("ne,ned->nd", dense, y)
+
+
+def make_indices(gen, n, e, k, mode):
+    """int64 [n, k] expert ids for a routing `mode`."""
+    if mode == "random":  # distinct experts per token
+        return torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(n)]) if n else torch.empty(0, k).long()
+    if mode == "subset":  # only a few experts used: the others are empty
+        used = torch.randperm(e, generator=gen)[: max(k, e // 3)]
+        rows = [used[torch.randperm(used.numel(), generator=gen)[:k]] for _ in range(n)]
+        return torch.stack(rows) if n else torch.empty(0, k).long()
+    if mode == "one":  # every token picks the same k experts (k = 1: all tokens on one expert)
+        return torch.randperm(e, generator=gen)[:k].repeat(n, 1)
+    if mode == "dup":  # ids drawn with replacement: a token may name one expert twice
+        return torch.randint(0, e, (n, k), generator=gen)
+    raise AssertionError(mode)
+
+
+def make_case(n, e, k, d, i, dtype, mode="random", seed=0, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (scale * torch.randn(n, d, generator=gen, dtype=torch.float64)).to(dtype)
+    weights = torch.rand(n, k, generator=gen, dtype=torch.float64).to(dtype)
+    gate_up = (torch.randn(e, 2 * i, d, generator=gen, dtype=torch.float64) / math.sqrt(d)).to(dtype)
+    down = (torch.randn(e, d, i, generator=gen, dtype=torch.float64) / math.sqrt(i)).to(dtype)
+    indices = make_indices(gen, n, e, k, mode)
+    cot = torch.randn(n, d, generator=gen, dtype=torch.float64).to(dtype)
+    return x, weights, indices, gate_up, down, cot
+
+
+def value_and_grads(fn, x, weights, gate_up, down, cot):
+    """fn(x, weights, gate_up, down) -> out; returns (out, dx, dweights, dgate_up, ddown) for <out, cot>."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, weights, gate_up, down)]
+    out = fn(*leaves)
+    if not out.requires_grad:  # a graph-less output (see test_moe_ffn_output_stays_in_autograd_graph)
+        return (out.detach(), *(torch.zeros_like(t) for t in leaves))
+    grads = torch.autograd.grad(out, leaves, grad_outputs=cot, allow_unused=True, materialize_grads=True)
+    return (out.detach(), *grads)
+
+
+NAMES = ("out", "grad_x", "grad_weights", "grad_gate_up", "grad_down")
+
+
+def check_against_reference(n, e, k, d, i, dtype, mode, limit, backend, seed=0, int32=False):
+    scale = 3.0 if limit is not None else 1.0  # make the clamp bite
+    x, weights, indices, gate_up, down, cot = make_case(n, e, k, d, i, dtype, mode, seed, scale)
+    if int32:
+        indices = indices.int()
+    got = value_and_grads(
+        lambda *a: moe_ffn(a[0], a[1], indices, a[2], a[3], backend, swiglu_limit=limit), x, weights, gate_up, down, cot
+    )
+    wide = [t.double() for t in (x, weights, gate_up, down, cot)]  # the reference runs in fp64
+    ref = value_and_grads(lambda *a: ref_moe_ffn(a[0], a[1], indices, a[2], a[3], limit), *wide)
+    loop = value_and_grads(
+        lambda *a: moe_ffn_loop(a[0], a[1], indices, a[2], a[3], limit), x, weights, gate_up, down, cot
+    )
+    for name, g, r, lp in zip(NAMES, got, ref, loop, strict=True):
+        assert g.dtype == dtype and lp.dtype == dtype, name
+        assert_close(g, r, TOL[dtype], f"{backend} {name} vs dense reference")
+        assert_close(g, lp, TOL[dtype], f"{backend} {name} vs loop backend")
+    return got
+
+
+@pytest.fixture
+def gemm_paths(monkeypatch):
+    """Record, for every torch-backend call, whether it took grouped_mm (True) or padded bmm (False)."""
+    seen = []
+    original = torch_ops.GroupedGemm
+
+    class Spy(original):
+        def __init__(self, plan, num_rows, use_grouped):
+            seen.append(use_grouped)
+            super().__init__(plan, num_rows, use_grouped)
+
+    monkeypatch.setattr(torch_ops, "GroupedGemm", Spy)
+    return seen
+
+
+# ----------------------------------------------------------------------------- routing plan
+
+
+def check_plan(indices, num_experts):
+    n, k = indices.shape
+    s = n * k
+    flat = indices.reshape(-1).long()
+    plan = routing_plan(indices, num_experts, has_dropped=bool((flat == num_experts).any()))
+    kept = int((flat < num_experts).sum())
+    assert plan.counts.dtype == torch.int64 and plan.counts.shape == (num_experts,)
+    assert int(plan.counts.sum()) == kept
+    assert torch.equal(plan.counts, torch.bincount(flat, minlength=num_experts + 1)[:num_experts])
+    assert plan.offsets.shape == (num_experts + 1,) and int(plan.offsets[0]) == 0
+    assert torch.equal(plan.offsets[1:], torch.cumsum(plan.counts, 0))
+    # permutation and inverse
+    assert torch.equal(plan.slot_of_row.sort().values, torch.arange(s))
+    assert torch.equal(plan.row_of_slot[plan.slot_of_row], torch.arange(s))
+    assert torch.equal(plan.slot_of_row[plan.row_of_slot], torch.arange(s))
+    # expert order, token of each row, expert of each row
+    assert bool((plan.expert_of_row[1:] >= plan.expert_of_row[:-1]).all())
+    assert torch.equal(plan.token_of_row, plan.slot_of_row // k)
+    assert torch.equal(plan.expert_of_row, flat[plan.slot_of_row])
+    for e in range(num_experts):
+        lo, hi = int(plan.offsets[e]), int(plan.offsets[e + 1])
+        assert bool((plan.expert_of_row[lo:hi] == e).all())
+        seg = plan.slot_of_row[lo:hi]
+        assert bool((seg[1:] > seg[:-1]).all()), "slots of one expert keep token order (stable sort)"
+    # dropped slots (id E) come last, after every kept row
+    assert bool((plan.expert_of_row[kept:] == num_experts).all())
+    assert int(plan.offsets[-1]) == kept
+    return plan
+
+
+@HYP
+@given(
+    n=st.integers(0, 24),
+    e=st.integers(1, 9),
+    data=st.data(),
+)
+def test_routing_plan_invariants(n, e, data):
+    k = data.draw(st.integers(1, e), label="k")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    mode = data.draw(st.sampled_from(["random", "subset", "one", "dup"]), label="mode")
+    drop = data.draw(st.floats(0.0, 1.0), label="drop_prob")
+    gen = torch.Generator().manual_seed(seed)
+    indices = make_indices(gen, n, e, k, mode)
+    mask = torch.rand(indices.shape, generator=gen) < drop
+    indices = torch.where(mask, torch.full_like(indices, e), indices)
+    check_plan(indices, e)
+
+
+@pytest.mark.parametrize(
+    "indices, num_experts",
+    [
+        pytest.param(torch.empty(0, 2, dtype=torch.long), 4, id="N=0"),
+        pytest.param(torch.tensor([[3, 1]]), 4, id="N=1"),
+        pytest.param(torch.tensor([[2], [2], [2], [2]]), 5, id="all-on-one-expert"),
+        pytest.param(torch.tensor([[5, 5], [5, 5]]), 5, id="all-dropped"),
+        pytest.param(torch.tensor([[0, 1, 2], [2, 1, 0]], dtype=torch.int32), 3, id="k=E-int32"),
+        pytest.param(torch.tensor([[4, 0], [0, 4], [1, 4]]), 4, id="some-dropped"),
+    ],
+)
+def test_routing_plan_edge_cases(indices, num_experts):
+    plan = check_plan(indices, num_experts)
+    for t in (plan.slot_of_row, plan.token_of_row, plan.row_of_slot, plan.expert_of_row, plan.offsets):
+        assert t.dtype == torch.int64
+
+
+def test_routing_plan_known_values():
+    indices = torch.tensor([[2, 0], [0, 1], [2, 3]])
+    plan = routing_plan(indices, 5)
+    assert plan.counts.tolist() == [2, 1, 2, 1, 0]
+    assert plan.offsets.tolist() == [0, 2, 3, 5, 6, 6]
+    assert plan.slot_of_row.tolist() == [1, 2, 3, 0, 4, 5]
+    assert plan.token_of_row.tolist() == [0, 1, 1, 0, 2, 2]
+    assert plan.expert_of_row.tolist() == [0, 0, 1, 2, 2, 3]
+
+
+# ----------------------------------------------------------------------------- moe_ffn vs reference
+
+F32, F64 = torch.float32, torch.float64
+
+EDGE_CASES = [
+    # n, e, k, d, i, dtype, mode, limit
+    pytest.param(0, 4, 2, 8, 4, F32, "random", None, id="N=0"),
+    pytest.param(1, 4, 2, 8, 4, F32, "random", None, id="N=1"),
+    pytest.param(3, 16, 2, 8, 4, F32, "random", None, id="fewer-tokens-than-experts"),
+    pytest.param(11, 7, 3, 12, 8, F32, "random", None, id="prime-E"),
+    pytest.param(9, 5, 1, 8, 4, F32, "random", None, id="k=1"),
+    pytest.param(6, 5, 5, 8, 4, F32, "random", None, id="k=E"),
+    pytest.param(10, 8, 2, 8, 4, F32, "subset", None, id="empty-experts"),
+    pytest.param(10, 6, 1, 8, 4, F32, "one", None, id="all-tokens-one-expert"),
+    pytest.param(7, 6, 3, 8, 4, F32, "one", None, id="all-tokens-same-experts"),
+    pytest.param(8, 4, 3, 8, 4, F32, "dup", None, id="duplicate-ids-in-a-row"),
+    pytest.param(13, 5, 2, 33, 17, F32, "random", None, id="odd-D33-I17-fallback"),
+    pytest.param(13, 5, 2, 33, 17, F32, "subset", None, id="odd-D33-I17-empty-experts"),
+    pytest.param(16, 6, 2, 32, 16, F32, "random", None, id="aligned-fp32-grouped"),
+    pytest.param(17, 6, 2, 20, 12, F32, "subset", None, id="aligned-fp32-grouped-empty-experts"),
+    pytest.param(12, 5, 2, 16, 8, F64, "random", None, id="fp64-fallback"),
+    pytest.param(0, 3, 2, 5, 3, F64, "random", None, id="fp64-N=0"),
+    pytest.param(12, 5, 2, 16, 8, F32, "random", 1.0, id="swiglu-limit-grouped"),
+    pytest.param(12, 5, 2, 33, 17, F32, "random", 1.0, id="swiglu-limit-fallback"),
+    pytest.param(12, 5, 2, 16, 8, F64, "random", 0.7, id="swiglu-limit-fp64"),
+]
+
+
+def expected_grouped(dtype, d, i):
+    return dtype == torch.float32 and d % 4 == 0 and i % 4 == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n, e, k, d, i, dtype, mode, limit", EDGE_CASES)
+def test_moe_ffn_edge_cases(n, e, k, d, i, dtype, mode, limit, backend, gemm_paths):
+    got = check_against_reference(n, e, k, d, i, dtype, mode, limit, backend)
+    assert got[0].shape == (n, d)
+    if backend == "torch":
+        assert gemm_paths, "torch backend did not run the sorted-experts GEMMs"
+        if torch_ops._grouped_mm is not None and torch_ops._grouped_mm_works("cpu", torch.float32):
+            assert set(gemm_paths) == {expected_grouped(dtype, d, i)}
+    else:
+        assert not gemm_paths
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moe_ffn_int32_indices(backend):
+    check_against_reference(9, 5, 2, 8, 4, F32, "random", None, backend, int32=True)
+
+
+@HYP
+@given(
+    n=st.integers(0, 20),
+    e=st.integers(1, 8),
+    d=st.sampled_from([4, 8, 16, 5, 9, 33]),
+    i=st.sampled_from([4, 8, 3, 17]),
+    dtype=st.sampled_from([F32, F64]),
+    mode=st.sampled_from(["random", "subset", "one", "dup"]),
+    limit=st.sampled_from([None, 1.0]),
+    backend=st.sampled_from(BACKENDS),
+    data=st.data(),
+)
+def test_moe_ffn_matches_reference_hypothesis(n, e, d, i, dtype, mode, limit, backend, data):
+    k = data.draw(st.integers(1, e), label="k")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    check_against_reference(n, e, k, d, i, dtype, mode, limit, backend, seed=seed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n, drop_all", [pytest.param(0, False, id="N=0"), pytest.param(5, True, id="all-dropped")])
+def test_moe_ffn_output_stays_in_autograd_graph(backend, n, drop_all):
+    """Differentiable in x, weights and both weight tensors even when no slot reaches an expert:
+    `loss.backward()` must work (zero gradients) rather than fail with "does not require grad"."""
+    x, weights, indices, gate_up, down, _ = make_case(n, 4, 2, 8, 4, F32, seed=1)
+    leaves = [t.requires_grad_(True) for t in (x, weights, gate_up, down)]
+    if drop_all:  # ids == E mark dropped slots (internal entry points; moe_ffn rejects them)
+        indices = torch.full_like(indices, 4)
+        if backend == "torch":
+            out = moe_ffn_torch(x, weights, indices, gate_up, down, has_dropped=True)
+        else:
+            out = moe_ffn_loop(x, weights, indices, gate_up, down)
+    else:
+        out = moe_ffn(x, weights, indices, gate_up, down, backend)
+    assert out.requires_grad, f"{backend}: output of an empty dispatch is cut off from autograd"
+    (out.sum() * 2).backward()
+    for t in leaves:
+        assert t.grad is not None and not bool(t.grad.any())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d, i", [pytest.param(16, 8, id="grouped"), pytest.param(9, 5, id="fallback")])
+def test_moe_ffn_non_contiguous_inputs(d, i, backend):
+    """Strided views (transposed storage, as HF or a user might hand over) give the same result."""
+    x, weights, indices, gate_up, down, cot = make_case(11, 5, 2, d, i, F32, seed=8)
+    x_t = x.t().contiguous().t()
+    w_t = weights.t().contiguous().t()
+    idx_t = indices.t().contiguous().t()
+    gu_t = gate_up.transpose(1, 2).contiguous().transpose(1, 2)
+    dn_t = down.transpose(0, 2).contiguous().transpose(0, 2)
+    assert not (x_t.is_contiguous() or w_t.is_contiguous() or gu_t.is_contiguous() or dn_t.is_contiguous())
+    got = value_and_grads(
+        lambda *a: moe_ffn(a[0], a[1], idx_t, a[2], a[3], backend), x_t, w_t, gu_t, dn_t, cot
+    )
+    ref = value_and_grads(lambda *a: ref_moe_ffn(a[0], a[1], indices, a[2], a[3]), x, weights, gate_up, down, cot)
+    for name, g, r in zip(NAMES, got, ref, strict=True):
+        assert_close(g, r, 1e-5, f"{backend} {name}")
+
+
+def test_moe_ffn_known_value():
+    """One token, one expert, hand-computed: out = w * down @ (silu(g) * u)."""
+    x = torch.tensor([[1.0, 2.0]], dtype=F64)
+    gate_up = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]], dtype=F64)  # I = 1: gate = x0, up = x1
+    down = torch.tensor([[[3.0], [-1.0]]], dtype=F64)
+    out = moe_ffn(x, torch.tensor([[0.5]], dtype=F64), torch.tensor([[0]]), gate_up, down, "torch")
+    act = 1.0 / (1.0 + math.exp(-1.0)) * 2.0
+    expected = torch.tensor([[0.5 * 3.0 * act, 0.5 * -1.0 * act]], dtype=F64)
+    assert_close(out, expected, 1e-14, "known value")
+
+
+def test_moe_ffn_weights_dtype_differs_from_x():
+    """fp32 routing weights with fp64 activations: weights are cast for the combine, grads keep their dtype."""
+    x, weights, indices, gate_up, down, cot = make_case(9, 4, 2, 8, 4, F64, seed=3)
+    w32 = weights.float()
+    for backend in BACKENDS:
+        got = value_and_grads(
+            lambda *a, b=backend: moe_ffn(a[0], a[1], indices, a[2], a[3], b), x, w32, gate_up, down, cot
+        )
+        ref = value_and_grads(lambda *a: ref_moe_ffn(a[0], a[1], indices, a[2], a[3]), x, w32, gate_up, down, cot)
+        assert got[0].dtype == F64 and got[2].dtype == F32
+        for name, g, r in zip(NAMES, got, ref, strict=True):
+            assert_close(g, r, 1e-6, f"{backend} {name}")
+
+
+# ----------------------------------------------------------------------------- gradcheck (fp64, fallback)
+
+
+@pytest.mark.parametrize("limit", [None, 0.8], ids=["no-limit", "swiglu-limit"])
+def test_moe_ffn_torch_gradcheck_fp64(limit, gemm_paths):
+    gen = torch.Generator().manual_seed(1)
+    n, e, k, d, i = 5, 3, 2, 4, 3
+    x = torch.randn(n, d, generator=gen, dtype=F64, requires_grad=True)
+    weights = torch.rand(n, k, generator=gen, dtype=F64, requires_grad=True)
+    gate_up = torch.randn(e, 2 * i, d, generator=gen, dtype=F64, requires_grad=True)
+    down = torch.randn(e, d, i, generator=gen, dtype=F64, requires_grad=True)
+    indices = torch.tensor([[0, 2], [1, 0], [2, 1], [0, 1], [0, 2]])
+
+    def fn(x, weights, gate_up, down):
+        return moe_ffn(x, weights, indices, gate_up, down, "torch", swiglu_limit=limit)
+
+    assert torch.autograd.gradcheck(fn, (x, weights, gate_up, down), eps=1e-6, atol=1e-7, rtol=1e-6)
+    assert gemm_paths and not any(gemm_paths), "fp64 must take the padded-bmm fallback"
+
+
+# ----------------------------------------------------------------------------- moe_ffn_torch internals
+
+
+@pytest.mark.parametrize(
+    "n, e, k, d, i",
+    [
+        pytest.param(14, 6, 2, 16, 8, id="grouped"),
+        pytest.param(14, 6, 2, 33, 17, id="fallback"),
+        pytest.param(0, 6, 2, 16, 8, id="N=0"),
+    ],
+)
+def test_moe_ffn_torch_deterministic_flag(n, e, k, d, i):
+    x, weights, indices, gate_up, down, cot = make_case(n, e, k, d, i, F32, seed=5)
+    det = value_and_grads(
+        lambda *a: moe_ffn_torch(a[0], a[1], indices, a[2], a[3], deterministic=True), x, weights, gate_up, down, cot
+    )
+    fast = value_and_grads(
+        lambda *a: moe_ffn_torch(a[0], a[1], indices, a[2], a[3], deterministic=False), x, weights, gate_up, down, cot
+    )
+    ref = value_and_grads(lambda *a: ref_moe_ffn(a[0], a[1], indices, a[2], a[3]), x, weights, gate_up, down, cot)
+    for name, a, b, r in zip(NAMES, det, fast, ref, strict=True):
+        assert_close(a, b, 1e-6, f"{name} deterministic vs index_add")
+        assert_close(a, r, 1e-5, f"{name} deterministic vs reference")
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize(
+    "n, e, k, d, i, dtype, drop",
+    [
+        pytest.param(15, 5, 2, 16, 8, F32, 0.3, id="grouped"),
+        pytest.param(15, 5, 2, 33, 17, F32, 0.3, id="fallback"),
+        pytest.param(15, 5, 3, 6, 5, F64, 0.5, id="fp64"),
+        pytest.param(6, 4, 2, 8, 4, F32, 1.0, id="all-dropped"),
+        pytest.param(6, 4, 2, 8, 4, F32, 0.0, id="none-dropped"),
+        pytest.param(0, 4, 2, 8, 4, F32, 0.5, id="N=0"),
+    ],
+)
+def test_moe_ffn_torch_has_dropped_equals_loop(n, e, k, d, i, dtype, drop, deterministic):
+    x, weights, indices, gate_up, down, cot = make_case(n, e, k, d, i, dtype, seed=7)
+    gen = torch.Generator().manual_seed(11)
+    indices = torch.where(torch.rand(indices.shape, generator=gen) < drop, torch.full_like(indices, e), indices)
+    got = value_and_grads(
+        lambda *a: moe_ffn_torch(a[0], a[1], indices, a[2], a[3], has_dropped=True, deterministic=deterministic),
+        x, weights, gate_up, down, cot,
+    )
+    loop = value_and_grads(lambda *a: moe_ffn_loop(a[0], a[1], indices, a[2], a[3]), x, weights, gate_up, down, cot)
+    ref = value_and_grads(lambda *a: ref_moe_ffn(a[0], a[1], indices, a[2], a[3]), x, weights, gate_up, down, cot)
+    for name, g, lp, r in zip(NAMES, got, loop, ref, strict=True):
+        assert_close(g, lp, TOL[dtype], f"{name} vs loop")
+        assert_close(g, r, TOL[dtype], f"{name} vs reference")
+    if n:  # dropped slots get no routing-weight gradient
+        assert bool((got[2][indices == e] == 0).all())
+
+
+# ----------------------------------------------------------------------------- swiglu_limit
+
+
+def test_swiglu_limit_clamps_and_gradients():
+    """With a limit, the result differs from the unclamped one and matches the clamped reference."""
+    x, weights, indices, gate_up, down, cot = make_case(12, 4, 2, 8, 4, F64, seed=2, scale=4.0)
+    limit = 0.5
+    h = torch.einsum("nd,emd->nem", x, gate_up)
+    assert bool((h[..., :4] > limit).any()) and bool((h[..., 4:].abs() > limit).any()), "clamp must bite"
+    for backend in BACKENDS:
+        got = value_and_grads(
+            lambda *a, b=backend: moe_ffn(a[0], a[1], indices, a[2], a[3], b, swiglu_limit=limit),
+            x, weights, gate_up, down, cot,
+        )
+        ref = value_and_grads(
+            lambda *a: ref_moe_ffn(a[0], a[1], indices, a[2], a[3], limit), x, weights, gate_up, down, cot
+        )
+        free = value_and_grads(lambda *a: ref_moe_ffn(a[0], a[1], indices, a[2], a[3]), x, weights, gate_up, down, cot)
+        for name, g, r, f in zip(NAMES, got, ref, free, strict=True):
+            assert_close(g, r, 1e-12, f"{backend} {name} clamped")
+            assert rel_err(g, f) > 1e-3, f"{backend} {name}: limit had no effect"
+
+
+def test_swiglu_limit_huge_is_identity():
+    x, weights, indices, gate_up, down, _ = make_case(10, 4, 2, 8, 4, F64, seed=4)
+    a = moe_ffn(x, weights, indices, gate_up, down, "torch", swiglu_limit=1e6)
+    b = moe_ffn(x, weights, indices, gate_up, down, "torch")
+    assert_close(a, b, 1e-15, "huge limit")
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _good(n=4, e=3, k=2, d=8, i=4, dtype=F32):
+    x, weights, indices, gate_up, down, _ = make_case(n, e, k, d, i, dtype, seed=0)
+    return dict(x=x, weights=weights, indices=indices, gate_up_proj=gate_up, down_proj=down)
+
+
+def _call(args, backend="torch"):
+    return moe_ffn(args["x"], args["weights"], args["indices"], args["gate_up_proj"], args["down_proj"], backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad_id", [-1, 3, 7], ids=["negative", "equal-E", "above-E"])
+def test_moe_ffn_expert_id_out_of_range(bad_id, backend):
+    args = _good()
+    args["indices"] = args["indices"].clone()
+    args["indices"][2, 1] = bad_id
+    with pytest.raises(IndexError) as info:
+        _call(args, backend)
+    message = str(info.value)
+    assert str(bad_id) in message and "expert" in message, message
+
+
+@pytest.mark.parametrize(
+    "field, value, exc",
+    [
+        pytest.param("weights", torch.rand(4, 3), ValueError, id="weights-k-mismatch"),
+        pytest.param("weights", torch.rand(5, 2), ValueError, id="weights-N-mismatch"),
+        pytest.param("indices", torch.zeros(4, 3, dtype=torch.long), ValueError, id="indices-k-mismatch"),
+        pytest.param("indices", torch.zeros(4, dtype=torch.long), ValueError, id="indices-1d"),
+        pytest.param("indices", torch.zeros(4, 2), TypeError, id="float-indices"),
+        pytest.param("x", torch.ones(4, 8, dtype=torch.long), TypeError, id="integer-x"),
+        pytest.param("x", torch.ones(4, 8, dtype=torch.int32), TypeError, id="int32-x"),
+        pytest.param("x", torch.randn(2, 2, 8), ValueError, id="3d-x"),
+        pytest.param("weights", torch.ones(4, 2, dtype=torch.long), TypeError, id="integer-weights"),
+        pytest.param("gate_up_proj", torch.randn(3, 8, 9), ValueError, id="gate_up-wrong-D"),
+        pytest.param("gate_up_proj", torch.randn(3, 7, 8), ValueError, id="gate_up-odd-2I"),
+        pytest.param("gate_up_proj", torch.randn(3, 8, 8, 1), ValueError, id="gate_up-4d"),
+        pytest.param("down_proj", torch.randn(3, 8, 5), ValueError, id="down-wrong-I"),
+        pytest.param("down_proj", torch.randn(2, 8, 4), ValueError, id="down-wrong-E"),
+        pytest.param("down_proj", torch.randn(3, 4, 8), ValueError, id="down-transposed"),
+        pytest.param("gate_up_proj", torch.randn(3, 8, 8, dtype=F64), TypeError, id="gate_up-dtype"),
+        pytest.param("down_proj", torch.randn(3, 8, 4, dtype=torch.bfloat16), TypeError, id="down-dtype"),
+    ],
+)
+def test_moe_ffn_bad_inputs(field, value, exc):
+    args = _good()
+    args[field] = value
+    with pytest.raises(exc):
+        _call(args)
+
+
+def test_moe_ffn_error_messages_name_the_problem():
+    args = _good()
+    args["weights"] = torch.rand(4, 3)
+    with pytest.raises(ValueError, match="weights"):
+        _call(args)
+    args = _good()
+    args["x"] = args["x"].long()
+    with pytest.raises(TypeError, match="x"):
+        _call(args)
+    args = _good()
+    args["gate_up_proj"] = args["gate_up_proj"].double()
+    with pytest.raises(TypeError, match="dtype|float64"):
+        _call(args)
+
+
+def test_moe_ffn_backend_names():
+    args = _good()
+    with pytest.raises(ValueError, match="cuda-magic"):
+        _call(args, "cuda-magic")
+    with pytest.raises(ValueError, match="triton"):
+        _call(args, "triton")
+    auto = _call(args, "auto")
+    ref = ref_moe_ffn(args["x"], args["weights"], args["indices"], args["gate_up_proj"], args["down_proj"])
+    assert_close(auto, ref, 1e-5, "auto backend")
+
+
+# ----------------------------------------------------------------------------- capacity
+
+
+def ref_drop_overflow(weights, indices, num_experts, cf):
+    """Plain Python: per expert keep the `capacity` highest-weight slots (ties: earlier slot first)."""
+    n, k = indices.shape
+    capacity = math.ceil(cf * n * k / num_experts)
+    flat_w = weights.reshape(-1).tolist()
+    flat_e = indices.reshape(-1).tolist()
+    kept = list(flat_e)
+    dropped = 0
+    for e in range(num_experts):
+        slots = [s for s in range(n * k) if flat_e[s] == e]
+        slots.sort(key=lambda s: (-flat_w[s], s))
+        for s in slots[capacity:]:
+            kept[s] = num_experts
+            dropped += 1
+    return torch.tensor(kept, dtype=torch.long).view(n, k), dropped, capacity
+
+
+def check_capacity(weights, indices, num_experts, cf):
+    n, k = indices.shape
+    kept, dropped = drop_overflow(weights, indices, num_experts, cf)
+    ref_kept, ref_dropped, capacity = ref_drop_overflow(weights, indices, num_experts, cf)
+    assert expert_capacity(n, k, num_experts, cf) == capacity
+    assert torch.equal(kept, ref_kept)
+    assert int(dropped) == ref_dropped
+    counts = torch.bincount(indices.reshape(-1), minlength=num_experts)
+    kept_counts = torch.bincount(kept.reshape(-1), minlength=num_experts + 1)[:num_experts]
+    assert torch.equal(kept_counts, counts.clamp(max=capacity))
+    assert int(dropped) == int((counts - capacity).clamp(min=0).sum())
+    # a kept slot is never lighter than a dropped slot of the same expert
+    for e in range(num_experts):
+        w_kept = weights[kept == e]
+        w_drop = weights[(indices == e) & (kept == num_experts)]
+        if w_kept.numel() and w_drop.numel():
+            assert float(w_kept.min()) >= float(w_drop.max())
+    # kept slots keep their original id
+    assert torch.equal(kept[kept < num_experts], indices[kept < num_experts])
+
+
+@HYP
+@given(
+    n=st.integers(0, 30),
+    e=st.integers(1, 8),
+    cf=st.sampled_from([0.1, 0.25, 0.5, 1.0, 1.25, 2.0, 8.0]),
+    ties=st.booleans(),
+    data=st.data(),
+)
+def test_drop_overflow_matches_python_reference(n, e, cf, ties, data):
+    k = data.draw(st.integers(1, e), label="k")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    mode = data.draw(st.sampled_from(["random", "subset", "one"]), label="mode")
+    gen = torch.Generator().manual_seed(seed)
+    indices = make_indices(gen, n, e, k, mode)
+    weights = torch.rand(n, k, generator=gen)
+    if ties:
+        weights = (weights * 3).floor() / 3
+    check_capacity(weights, indices, e, cf)
+
+
+@pytest.mark.parametrize(
+    "n, e, k, cf, mode",
+    [
+        pytest.param(0, 4, 2, 1.0, "random", id="N=0"),
+        pytest.param(1, 4, 2, 0.1, "random", id="N=1-cf0.1"),
+        pytest.param(12, 4, 1, 1.0, "one", id="all-on-one-expert"),
+        pytest.param(12, 6, 6, 0.5, "random", id="k=E"),
+        pytest.param(20, 7, 2, 100.0, "random", id="huge-cf-drops-nothing"),
+    ],
+)
+def test_drop_overflow_edge_cases(n, e, k, cf, mode):
+    gen = torch.Generator().manual_seed(0)
+    indices = make_indices(gen, n, e, k, mode)
+    weights = torch.rand(n, k, generator=gen)
+    check_capacity(weights, indices, e, cf)
+
+
+def test_drop_overflow_known_values():
+    # 4 tokens, k=1, 2 experts, cf=1 -> capacity ceil(4/2)=2; expert 0 gets 3 tokens, keeps two heaviest
+    indices = torch.tensor([[0], [0], [1], [0]])
+    weights = torch.tensor([[0.2], [0.9], [0.5], [0.4]])
+    kept, dropped = drop_overflow(weights, indices, 2, 1.0)
+    assert kept.tolist() == [[2], [0], [1], [0]]
+    assert int(dropped) == 1
+    # ties: earlier token first
+    kept, dropped = drop_overflow(torch.full((4, 1), 0.5), indices, 2, 1.0)
+    assert kept.tolist() == [[0], [0], [1], [2]]
