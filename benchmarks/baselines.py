@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_kit import MoELayer
+from moe_kit import HashGate, MoEConfig, MoELayer
 
 
 class HFEagerMoEBlock(nn.Module):
@@ -48,11 +48,61 @@ class HFEagerMoEBlock(nn.Module):
             top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
             current_state = hidden_states[token_idx]
             gate, up = F.linear(current_state, gate_up_proj[expert_idx]).chunk(2, dim=-1)
-            current_hidden_states = F.silu(gate) * up
+            current_hidden_states = self._act(gate, up)
             current_hidden_states = F.linear(current_hidden_states, down_proj[expert_idx])
             current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
             final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
         return final_hidden_states
+
+    def _act(self, gate, up):
+        return F.silu(gate) * up
+
+
+def hf_router_matches(cfg: MoEConfig, layer_id: int = 0) -> bool:
+    """True when HF's eager router (softmax -> top-k -> optional renorm) is the config's routing."""
+    return (
+        cfg.score_func == "softmax" and not cfg.expert_bias and cfg.n_groups == 1 and cfg.route_scale == 1.0
+        and not cfg.uses_hash_gate(layer_id) and cfg.capacity_factor is None
+    )
+
+
+class HFEagerLoop(HFEagerMoEBlock):
+    """HFEagerMoEBlock for any moe_kit config, on a MoELayer's weights.
+
+    Routing: HF's own eager router when `hf_router_matches` (Mixtral, Qwen3-MoE); otherwise the
+    MoELayer's gate output (weights, indices) -- sigmoid / sqrtsoftplus scores, groups, expert bias,
+    hash routing and route scaling are not in HF's eager block, so those presets get moe_kit's
+    routing and only the experts run HF-style. Experts: HF's per-expert Python loop, with the
+    gpt-oss style clamp (gate <= limit, |up| <= limit) when the config has swiglu_limit. Shared
+    experts: the layer's own module, added as HF's Qwen2-MoE / DeepSeek blocks do.
+    """
+
+    def __init__(self, layer: MoELayer):
+        super().__init__(layer)
+        cfg = layer.cfg
+        if cfg.capacity_factor is not None:
+            raise ValueError("HFEagerLoop is dropless; build the layer with capacity_factor=None")
+        self.uses_hf_router = hf_router_matches(cfg, layer.layer_id)
+        self.swiglu_limit = cfg.swiglu_limit
+
+    def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.uses_hf_router:
+            out = super().forward(hidden_states)
+        else:
+            shape = hidden_states.shape
+            flat = hidden_states.reshape(-1, shape[-1])
+            gate = self.layer.gate
+            weights, indices = gate(flat, input_ids) if isinstance(gate, HashGate) else gate(flat)
+            out = self._experts(flat, indices, weights.to(flat.dtype)).reshape(shape)
+        if self.layer.shared_experts is not None:
+            out = out + self.layer.shared_experts(hidden_states)
+        return out
+
+    def _act(self, gate, up):
+        if self.swiglu_limit is not None:
+            gate = gate.clamp(max=self.swiglu_limit)
+            up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
+        return F.silu(gate) * up
 
 
 class DenseSwiGLU(nn.Module):

@@ -3,8 +3,9 @@
 from moe_kit.config import MoEConfig
 from moe_kit.experts import Expert, GroupedExperts, SharedExpert
 from moe_kit.gates import HashGate, TopKGate, hash_table, set_aux_loss_scale, update_expert_bias
+from moe_kit.integrations import swap_ffn, upcycle
 from moe_kit.layer import MoELayer
-from moe_kit.stats import RoutingStats, routing_stats
+from moe_kit.stats import RoutingMonitor, RoutingStats, routing_stats
 
 __all__ = [
     "MoEConfig",
@@ -18,7 +19,10 @@ __all__ = [
     "GroupedExperts",
     "MoELayer",
     "RoutingStats",
+    "RoutingMonitor",
     "routing_stats",
+    "swap_ffn",
+    "upcycle",
 ]
 
 __version__ = "0.1.0"

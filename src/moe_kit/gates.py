@@ -15,6 +15,8 @@ from torch import nn
 
 from moe_kit.balancing import attach_loss, is_recomputing, switch_aux_loss, z_loss
 from moe_kit.config import MoEConfig
+from moe_kit.ep.losses import group_balancing_losses
+from moe_kit.stats import score_entropy
 
 
 def routing_scores(logits: torch.Tensor, score_func: str) -> torch.Tensor:
@@ -43,6 +45,9 @@ class _Router(nn.Module):
         self.loss_scale = 1.0  # multiplies the balancing-loss gradients (see set_aux_loss_scale)
         self.aux_loss: torch.Tensor | None = None  # coef * Switch aux loss of the last forward
         self.z_loss: torch.Tensor | None = None  # coef * z-loss of the last forward
+        self.process_group = None  # set by MoELayer(ep_group=...): losses use the group's statistics
+        self.track_entropy = False  # set by moe_kit.stats.RoutingMonitor
+        self.entropy: torch.Tensor | None = None  # detached mean router entropy of the last forward, if tracked
 
     def _flat_input(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -57,12 +62,21 @@ class _Router(nn.Module):
 
     def _finish_weights(self, scores, indices, logits, batch_shape) -> torch.Tensor:
         """Gather the unbiased scores of the chosen experts, normalize, scale, attach the losses."""
+        if self.track_entropy:
+            self.entropy = score_entropy(scores)
         weights = scores.gather(1, indices)  # [N, k]
         if self.cfg.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
         weights = weights * self.cfg.route_scale
         self.aux_loss = self.z_loss = None
         total = None
+        if self.process_group is not None:  # expert parallel: every rank joins, even with no tokens
+            self.aux_loss, self.z_loss, total = group_balancing_losses(
+                self.cfg, scores, indices, logits, batch_shape, self.process_group
+            )
+            if total is not None and torch.is_grad_enabled():
+                weights = attach_loss(weights, total, self.loss_scale)
+            return weights
         if scores.shape[0] == 0:  # no tokens: nothing to balance
             return weights
         if self.cfg.aux_loss_coef > 0:

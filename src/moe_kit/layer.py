@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from moe_kit.config import MoEConfig
+from moe_kit.ep import ep_moe_ffn, local_experts
 from moe_kit.experts import GroupedExperts, SharedExpert
 from moe_kit.gates import HashGate, TopKGate
-from moe_kit.ops import dispatch, resolve_backend
+from moe_kit.ops import check_backend, dispatch
 from moe_kit.ops.capacity import drop_overflow
 from moe_kit.stats import RoutingStats
 
@@ -21,17 +22,25 @@ class MoELayer(nn.Module):
 
     The gate is a HashGate when cfg.hash_routing or layer_id < cfg.n_hash_layers (it then needs
     input_ids), a TopKGate otherwise. After each forward, `stats` is a RoutingStats.
+    With `ep_group` (a torch.distributed group of W ranks), this rank holds experts
+    r*E/W .. (r+1)*E/W - 1 and tokens travel to their experts by all-to-all (moe_kit.ep); the gate and
+    shared experts are replicated, and stats/balancing losses are the group's.
     """
 
-    def __init__(self, cfg: MoEConfig, layer_id: int = 0):
+    def __init__(self, cfg: MoEConfig, layer_id: int = 0, ep_group=None):
         super().__init__()
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
-        resolve_backend(cfg.backend, torch.device("cpu"))  # fail at build time on a backend we lack
+        check_backend(cfg.backend)  # fail at build time on a backend we lack; the device is checked at forward
         self.cfg = cfg
         self.layer_id = layer_id
         self.gate = HashGate(cfg) if cfg.uses_hash_gate(layer_id) else TopKGate(cfg)
-        self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size)
+        self.ep_group = ep_group  # expert-parallel process group; None: every expert lives here
+        if ep_group is None:
+            self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size)
+        else:
+            self.experts = local_experts(cfg, ep_group)  # this rank's E / W experts
+            self.gate.process_group = ep_group  # aux / z losses over the group's tokens
         self.shared_experts = None
         if cfg.num_shared_experts > 0:
             self.shared_experts = SharedExpert(
@@ -49,6 +58,8 @@ class MoELayer(nn.Module):
         else:
             weights, indices = self.gate(x)
         x_flat = x.reshape(-1, self.cfg.hidden_size)  # [N, D]
+        if self.ep_group is not None:
+            return self._forward_expert_parallel(x, x_flat, weights, indices)
         dropped = None
         if self.cfg.capacity_factor is not None:
             indices, dropped = drop_overflow(weights, indices, self.cfg.num_experts, self.cfg.capacity_factor)
@@ -65,6 +76,26 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x_flat)
         self._remember(indices, dropped)
+        return out.view(x.shape)
+
+    def _forward_expert_parallel(self, x, x_flat, weights, indices) -> torch.Tensor:
+        """Routed experts across ep_group (capacity, if any, per expert over the group), shared experts here."""
+        result = ep_moe_ffn(
+            x_flat,
+            weights,
+            indices,
+            self.experts.gate_up_proj.to(x.dtype),
+            self.experts.down_proj.to(x.dtype),
+            self.ep_group,
+            self.cfg.backend,
+            self.cfg.swiglu_limit,
+            self.cfg.capacity_factor,
+        )
+        out = result.out
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x_flat)
+        self._remember(indices, result.dropped)
+        self._last.update(load=result.load.detach(), slots=result.num_slots)  # the group's, not this rank's
         return out.view(x.shape)
 
     @torch.no_grad()

@@ -1,7 +1,22 @@
-"""Routing statistics: what each MoE layer did in its last forward."""
+"""Routing statistics and diagnostics: what each MoE layer did, and how that evolves in training.
+
+Bottom layer of moe_kit: imports nothing from the package (MoE layers are found by duck typing,
+a module whose `stats` is a RoutingStats; gates by their `track_entropy` flag). matplotlib is
+imported only inside the plot functions (`pip install moe-kit[plot]`).
+
+Legend: N tokens, E experts, L MoE layers, T recorded steps.
+
+    monitor = RoutingMonitor(model)          # asks every gate to keep its router entropy
+    for step in range(steps):
+        ...; optimizer.step(); moe_kit.update_expert_bias(model)
+        monitor.record(step)                 # one row per MoE layer: load, max/mean, cv, entropy...
+    monitor.to_json("routing.json"); monitor.plot("routing.png")
+"""
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +37,11 @@ class RoutingStats:
         mean = self.load.float().mean()
         return float(self.load.max() / mean) if mean > 0 else float("nan")
 
+    @property
+    def load_cv(self) -> float:
+        """Coefficient of variation of `load` (0.0 is perfect balance); see `load_cv`."""
+        return load_cv(self.load)
+
 
 def routing_stats(model: nn.Module) -> dict[str, RoutingStats]:
     """{module name: RoutingStats} for every MoE layer of `model` that has run a forward."""
@@ -31,3 +51,258 @@ def routing_stats(model: nn.Module) -> dict[str, RoutingStats]:
         if isinstance(stats, RoutingStats):
             found[name] = stats
     return found
+
+
+# ----------------------------------------------------------------------------- formulas
+
+
+def load_cv(load: torch.Tensor) -> float:
+    """std / mean of the per-expert load [E], population std (divide by E); nan when no load.
+
+    0 when every expert gets the same share; sqrt(E - 1) when one expert gets everything.
+    """
+    load = load.double()
+    mean = load.mean()
+    if not mean > 0:
+        return float("nan")
+    return float(load.std(correction=0) / mean)
+
+
+@torch.no_grad()
+def score_entropy(scores: torch.Tensor) -> torch.Tensor:
+    """Router entropy in nats: mean over tokens of H(p), p = scores / scores.sum(-1), scores [N, E].
+
+    log(E) when every token spreads its scores evenly, 0 when each token puts all of it on one
+    expert. Works for softmax, sigmoid and sqrtsoftplus scores alike (normalized per token, as the
+    Switch aux loss does). A 0-dim fp32 tensor (nan when N = 0), so reading it costs no host sync.
+    """
+    scores = scores.detach().float()
+    probs = scores / scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    plogp = torch.special.xlogy(probs, probs)  # 0 * log 0 = 0
+    return -plogp.sum(dim=-1).mean()
+
+
+# ----------------------------------------------------------------------------- monitor
+
+
+class RoutingMonitor:
+    """Records the routing of every MoE layer of `model`, one row per layer per `record(step)`.
+
+    Row keys: step, layer (module name), load (list of E ints: routed slots per expert),
+    max_over_mean, cv, entropy (nats; None when not tracked), entropy_max (log E),
+    dropped_fraction, bias_min / bias_max (None without expert bias), aux_loss, z_loss. Every
+    number describes the layer's last forward before `record` (call it after the optimizer step;
+    with gradient accumulation that is the last micro-batch). Non-finite values
+    are stored as None so the history is plain JSON.
+
+    `entropy=True` sets `track_entropy` on every gate of `model` so each forward keeps a detached
+    mean router entropy (one [N, E] reduction); `close()` turns that off again.
+    A monitor built with `model=None` (e.g. `RoutingMonitor.from_json`) only holds and plots history.
+    """
+
+    def __init__(self, model: nn.Module | None = None, entropy: bool = True):
+        self.model = model
+        self.history: list[dict] = []
+        self._gates = []
+        if model is not None and entropy:
+            self._gates = [m for m in model.modules() if hasattr(m, "track_entropy")]
+            for gate in self._gates:
+                gate.track_entropy = True
+
+    def record(self, step: int) -> list[dict]:
+        """Append (and return) one row per MoE layer that has run a forward."""
+        if self.model is None:
+            raise ValueError("this RoutingMonitor has no model to read (it was built from saved history)")
+        rows = []
+        for name, stats in routing_stats(self.model).items():
+            gate = getattr(self.model.get_submodule(name), "gate", None)
+            entropy = getattr(gate, "entropy", None) if getattr(gate, "track_entropy", False) else None
+            rows.append(stats_row(step, name, stats, entropy))
+        self.history.extend(rows)
+        return rows
+
+    def close(self) -> None:
+        """Stop the gates computing their entropy (the history stays)."""
+        for gate in self._gates:
+            gate.track_entropy = False
+            gate.entropy = None
+        self._gates = []
+
+    def __enter__(self) -> RoutingMonitor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def layers(self) -> list[str]:
+        """Layer names in the order first recorded."""
+        return list(dict.fromkeys(row["layer"] for row in self.history))
+
+    def to_json(self, path, **extra) -> None:
+        """Write {"history": [...rows], **extra} to `path`."""
+        with open(path, "w") as f:
+            json.dump({**extra, "history": self.history}, f)
+
+    @classmethod
+    def from_json(cls, path) -> RoutingMonitor:
+        """A model-less monitor holding the history saved by `to_json`."""
+        with open(path) as f:
+            data = json.load(f)
+        monitor = cls(None)
+        monitor.history = data["history"]
+        return monitor
+
+    def plot(self, path, title: str | None = None, layers: list[str] | None = None) -> None:
+        """PNG of the load heatmap (layers x experts, over steps) above max/mean load per layer."""
+        plot_routing({title or "routing": self.history}, path, layers=layers, title=title)
+
+
+def stats_row(step: int, layer: str, stats: RoutingStats, entropy: torch.Tensor | float | None = None) -> dict:
+    """One history row from a layer's RoutingStats (and its gate's mean router entropy)."""
+    load = stats.load.cpu()
+    bias = stats.bias
+    return dict(
+        step=int(step),
+        layer=layer,
+        load=[int(v) for v in load.tolist()],
+        max_over_mean=_finite(stats.max_over_mean_load),
+        cv=_finite(load_cv(load)),
+        entropy=None if entropy is None else _finite(float(entropy)),
+        entropy_max=math.log(load.numel()),
+        dropped_fraction=_finite(stats.dropped_fraction),
+        bias_min=None if bias is None else float(bias.min()),
+        bias_max=None if bias is None else float(bias.max()),
+        aux_loss=None if stats.aux_loss is None else _finite(stats.aux_loss),
+        z_loss=None if stats.z_loss is None else _finite(stats.z_loss),
+    )
+
+
+def _finite(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+# ----------------------------------------------------------------------------- plots (data -> figure)
+
+
+def load_matrix(history: list[dict], layers: list[str] | None = None):
+    """History rows -> (steps [T], layers [L], blocks: list of L arrays [E_l, T] of load / mean load).
+
+    A step where a layer has no row (or no load) is nan in that layer's block.
+    """
+    import numpy as np
+
+    layers = layers or list(dict.fromkeys(row["layer"] for row in history))
+    steps = sorted({row["step"] for row in history})
+    column = {step: i for i, step in enumerate(steps)}
+    blocks = []
+    for layer in layers:
+        rows = [row for row in history if row["layer"] == layer]
+        num_experts = len(rows[0]["load"]) if rows else 0
+        block = np.full((num_experts, len(steps)), np.nan)
+        for row in rows:
+            load = np.asarray(row["load"], dtype=float)
+            if load.mean() > 0:
+                block[:, column[row["step"]]] = load / load.mean()
+        blocks.append(block)
+    return np.asarray(steps), layers, blocks
+
+
+def draw_load_heatmap(ax, history: list[dict], layers: list[str] | None = None, vmax: float | None = None):
+    """Draw load / mean load as a heatmap on `ax`: x = step, y = experts of each layer stacked
+    (layer 0's experts at the top). White is the mean load, red overloaded, blue starved.
+    Returns the mappable for a colorbar."""
+    import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
+
+    steps, layers, blocks = load_matrix(history, layers)
+    image = np.concatenate(blocks, axis=0) if blocks else np.zeros((0, len(steps)))
+    if vmax is None:
+        vmax = float(np.nanmax(image)) if np.isfinite(image).any() else 2.0
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(vmax, 1.5))
+    if len(steps) > 1:
+        gaps = np.diff(steps)
+        edges = np.concatenate([[steps[0] - gaps[0] / 2], steps[:-1] + gaps / 2, [steps[-1] + gaps[-1] / 2]])
+    else:
+        edges = np.array([steps[0] - 0.5, steps[0] + 0.5]) if len(steps) else np.array([0.0, 1.0])
+    mesh = ax.pcolormesh(edges, np.arange(image.shape[0] + 1), image, cmap="RdBu_r", norm=norm, rasterized=True)
+    ax.invert_yaxis()
+    starts = np.cumsum([0] + [block.shape[0] for block in blocks])
+    for start in starts[1:-1]:
+        ax.axhline(start, color="black", linewidth=0.8)
+    ax.set_yticks((starts[:-1] + starts[1:]) / 2)
+    ax.set_yticklabels([_short(layer) for layer in layers])
+    ax.set_xlabel("step")
+    ax.set_ylabel("experts of each layer")
+    return mesh
+
+
+def draw_metric(ax, history: list[dict], metric: str = "max_over_mean", label: str | None = None, color=None):
+    """Line of `metric` over steps: mean over layers, band from the best to the worst layer."""
+    import numpy as np
+
+    steps = sorted({row["step"] for row in history})
+    values = {step: [] for step in steps}
+    for row in history:
+        if row.get(metric) is not None:
+            values[row["step"]].append(row[metric])
+    steps = [step for step in steps if values[step]]
+    mean = np.array([np.mean(values[s]) for s in steps])
+    low = np.array([np.min(values[s]) for s in steps])
+    high = np.array([np.max(values[s]) for s in steps])
+    (line,) = ax.plot(steps, mean, label=label, color=color, linewidth=1.6)
+    ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel("step")
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    return line
+
+
+METRIC_LABELS = {
+    "max_over_mean": "max / mean expert load",
+    "cv": "load coefficient of variation",
+    "entropy": "router entropy (nats)",
+    "dropped_fraction": "dropped fraction",
+}
+
+
+def plot_routing(runs: dict[str, list[dict]], path, layers: list[str] | None = None, title: str | None = None,
+                 metric: str = "max_over_mean", dpi: int = 110) -> None:
+    """PNG: one load heatmap per run (side by side, one shared colour scale) above one panel with
+    `metric` over steps for every run (line: mean over layers, band: best to worst layer)."""
+    import numpy as np
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    names = list(runs)
+    vmax = 1.5
+    for history in runs.values():
+        for block in load_matrix(history, layers)[2]:
+            if np.isfinite(block).any():
+                vmax = max(vmax, float(np.nanmax(block)))
+    width = max(6.0, 4.2 * len(names) + 1.0)
+    fig = Figure(figsize=(width, 7.2), layout="constrained")
+    grid = fig.add_gridspec(2, len(names), height_ratios=[3, 2])
+    mesh = None
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(grid[0, i])
+        mesh = draw_load_heatmap(ax, runs[name], layers, vmax=vmax)
+        ax.set_title(f"{name}: expert load over training" if len(names) > 1 else "expert load over training")
+        if i:  # the layer names are on the first panel
+            ax.set_ylabel("")
+            ax.set_yticklabels([])
+    fig.colorbar(mesh, ax=fig.axes, location="right", shrink=0.9, label="expert load / mean load (1 = balanced)")
+    ax = fig.add_subplot(grid[1, :])
+    for name in names:
+        draw_metric(ax, runs[name], metric, label=name if len(names) > 1 else None)
+    if metric == "max_over_mean":
+        ax.axhline(1.0, color="gray", linestyle=":", linewidth=1)
+    ax.set_title(f"{METRIC_LABELS.get(metric, metric)}: mean over layers, band from best to worst layer", fontsize=10)
+    if len(names) > 1:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, dpi=dpi)
+
+
+def _short(layer: str) -> str:
+    return layer if len(layer) <= 14 else "..." + layer[-11:]

@@ -5,6 +5,9 @@ Legend: N tokens, k slots per token, E experts, D model width, I expert hidden w
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 
 from moe_kit.activations import swiglu
@@ -12,19 +15,49 @@ from moe_kit.ops.loop import moe_ffn_loop
 from moe_kit.ops.routing import RoutingPlan, routing_plan
 from moe_kit.ops.torch_ops import moe_ffn_torch
 
-__all__ = ["moe_ffn", "resolve_backend", "routing_plan", "RoutingPlan", "swiglu"]
+__all__ = ["moe_ffn", "resolve_backend", "check_backend", "routing_plan", "RoutingPlan", "swiglu"]
 
 _BACKENDS = ("auto", "triton", "torch", "loop")
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map "auto" to the best backend built for `device`; reject unknown names."""
+def triton_importable() -> bool:
+    """True when the triton package is installed (found at import of moe_kit.ops; imported on first use)."""
+    return _TRITON_FOUND
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_backend(backend: str) -> None:
+    """Fail early, before any tensor exists: unknown name, or "triton" on a machine that cannot run it."""
     if backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {list(_BACKENDS)}")
     if backend == "triton":
-        raise ValueError("backend 'triton' is not built in this version of moe_kit; use 'torch' or 'auto'")
+        if not triton_importable():
+            raise ValueError("backend 'triton' needs the triton package (pip install 'moe-kit[triton]')")
+        if not (torch.cuda.is_available() or _triton_interpreting()):
+            raise ValueError("backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 to run on CPU)")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map "auto" to the best backend for `device` ("triton" on CUDA when triton imports, else
+    "torch"); reject unknown names and "triton" where it cannot run (no triton, or a non-CUDA
+    device outside the Triton interpreter)."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {list(_BACKENDS)}")
+    if backend == "triton":
+        if not triton_importable():
+            raise ValueError("backend 'triton' needs the triton package (pip install 'moe-kit[triton]')")
+        if device.type != "cuda" and not _triton_interpreting():
+            raise ValueError(
+                f"backend 'triton' runs on CUDA tensors, got device {device}; use 'torch' or 'auto' "
+                "(or set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)"
+            )
+        return "triton"
     if backend == "auto":
-        return "torch"
+        return "triton" if device.type == "cuda" and triton_importable() else "torch"
     return backend
 
 
@@ -46,7 +79,7 @@ def moe_ffn(
         indices: [N, k] integer expert ids in 0..E-1.
         gate_up_proj: [E, 2I, D], first I rows the gate projection, next I rows the up projection.
         down_proj: [E, D, I].
-        backend: "auto" | "torch" | "loop" ("triton" is not built yet; auto picks torch).
+        backend: "auto" | "triton" | "torch" | "loop" (auto: triton on CUDA when triton imports, else torch).
         swiglu_limit: optional clamp (gate <= limit, |up| <= limit) before silu(gate) * up.
     Returns:
         [N, D] in x.dtype, differentiable in x, weights, gate_up_proj and down_proj.
@@ -63,6 +96,12 @@ def dispatch(x, weights, indices, gate_up_proj, down_proj, backend, swiglu_limit
     backend = resolve_backend(backend, x.device)
     if backend == "loop":
         return moe_ffn_loop(x, weights, indices, gate_up_proj, down_proj, swiglu_limit)
+    if backend == "triton":
+        from moe_kit.ops.triton import SUPPORTED_DTYPES, moe_ffn_triton  # imports triton on first use
+
+        if x.dtype in SUPPORTED_DTYPES:
+            return moe_ffn_triton(x, weights, indices, gate_up_proj, down_proj, swiglu_limit, has_dropped)
+        # other dtypes (float64) have no Triton kernels: the torch backend computes them
     return moe_ffn_torch(x, weights, indices, gate_up_proj, down_proj, swiglu_limit, has_dropped)
 
 

@@ -48,6 +48,8 @@ def use_grouped_mm(dtype: torch.dtype, device: torch.device, *widths: int) -> bo
     """grouped_mm needs fp32/bf16/fp16 and every row of every operand 16-byte aligned."""
     if _grouped_mm is None or dtype not in _GROUPED_MM_DTYPES:
         return False
+    if torch.compiler.is_compiling() and dtype != torch.bfloat16:
+        return False  # grouped_mm's fake kernel takes bf16 only: compiled fp32/fp16 use the padded bmm
     size = torch.empty((), dtype=dtype).element_size()
     if any(width * size % 16 for width in widths):
         return False

@@ -1,0 +1,224 @@
+"""convert / convert_back: swap transformers sparse-MoE blocks for MoELayers and back.
+
+Legend: D model width, E experts, I expert hidden width, k experts per token.
+
+`convert(model)` replaces each block that specs.SPECS knows (router + experts + shared expert)
+by a MoELayer computing the same function: same routing semantics (specs.py), and the very same
+weight tensors (the MoELayer holds the block's nn.Parameter objects, nothing is copied, so an
+optimizer built before the conversion still sees them). From then on moe_kit's balancing
+(aux / z losses, expert-bias updates), routing stats and backends apply. `convert_back(model)`
+builds the transformers blocks again around the same tensors, so the state_dict loads into the
+original class and `save_pretrained` writes a normal checkpoint.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_kit.config import MoEConfig
+from moe_kit.integrations.hf.layout import experts_swiglu_limit, is_hf_experts
+from moe_kit.integrations.hf.specs import SPECS, BlockSpec, spec_of, state_keys
+from moe_kit.integrations.upcycle import is_silu
+from moe_kit.layer import MoELayer
+
+# MoEConfig fields convert(**overrides) may set: they change training, not the converted function
+# (capacity_factor excepted: dropping tokens changes outputs by design).
+OVERRIDABLE = (
+    "expert_bias", "bias_update_rate", "bias_max", "aux_loss_coef", "aux_loss_type", "z_loss_coef",
+    "capacity_factor", "router_dtype", "backend",
+)
+
+
+@dataclass
+class HFOrigin:
+    """What convert_back needs to rebuild the transformers block of a converted MoELayer."""
+
+    cls: type  # the transformers block class
+    config: Any  # the config it was built with
+    layer_idx: int | None
+
+
+def convert(model: nn.Module, **overrides) -> list[str]:
+    """Replace, in place, every known transformers sparse-MoE block of `model` by an equivalent
+    MoELayer; return the converted module names.
+
+    overrides: MoEConfig fields in OVERRIDABLE, applied to every converted layer, e.g.
+    `convert(model, expert_bias=True, aux_loss_coef=1e-3)`. Fields fixed by the checkpoint's
+    routing (e.g. expert_bias for DeepSeek) cannot be overridden. Nothing changes when any block
+    fails a check (ValueError naming the module and the problem).
+    """
+    bad = sorted(set(overrides) - set(OVERRIDABLE))
+    if bad:
+        raise ValueError(f"convert cannot override {bad}: they fix the converted function; choose from {OVERRIDABLE}")
+    found = _find_blocks(model)
+    layers = {}
+    for name, (block, spec) in found.items():
+        try:
+            layers[name] = _to_moe_layer(block, spec, _layer_idx(model, name), overrides)
+        except ValueError as error:
+            raise ValueError(f"{name} ({type(block).__name__}): {error}") from None
+    for name, layer in layers.items():
+        _replace(model, name, layer)
+    config = getattr(model, "config", None)
+    if layers and getattr(config, "output_router_logits", False):
+        warnings.warn(
+            "converted MoELayers do not expose router logits to transformers: output_router_logits is set to "
+            "False; use moe_kit's own balancing (convert(model, aux_loss_coef=...) or expert_bias) instead",
+            stacklevel=2,
+        )
+        config.output_router_logits = False
+    return list(layers)
+
+
+def convert_back(model: nn.Module) -> list[str]:
+    """Replace, in place, every MoELayer made by `convert` by its transformers block, holding the
+    same tensors; return the restored module names. A non-zero expert bias that the family has
+    no place for (convert(..., expert_bias=True) on Qwen / Mixtral / OLMoE) is dropped with a warning."""
+    restored = {}
+    for name, layer in model.named_modules():
+        origin = getattr(layer, "_hf_origin", None)
+        if isinstance(layer, MoELayer) and origin is not None:
+            restored[name] = _to_hf_block(layer, origin, name)
+    for name, block in restored.items():
+        _replace(model, name, block)
+    return list(restored)
+
+
+# ----------------------------------------------------------------------------- one block each way
+
+
+def _to_moe_layer(block: nn.Module, spec: BlockSpec, layer_idx: int | None, overrides: dict) -> MoELayer:
+    limit = experts_swiglu_limit(block.experts)
+    num_experts, two_i, hidden = block.experts.gate_up_proj.shape
+    routing = spec.routing(block)
+    fixed = sorted(k for k in overrides if k in routing and overrides[k] != routing[k])
+    if fixed:
+        raise ValueError(f"{fixed} fixed by this model's routing ({ {k: routing[k] for k in fixed} })")
+    shared = _shared_width(block, spec, limit)
+    cfg = MoEConfig(
+        hidden_size=hidden,
+        intermediate_size=two_i // 2,
+        num_experts=num_experts,
+        top_k=int(block.gate.top_k),
+        num_shared_experts=1 if shared else 0,
+        shared_intermediate_size=shared,
+        shared_expert_gate=spec.shared_gate is not None,
+        swiglu_limit=limit,
+        **{**routing, **overrides},
+    )
+    with torch.device("meta"):
+        layer = MoELayer(cfg, layer_id=layer_idx or 0)
+    _move_state(block, layer, state_keys(spec, block), zeros=("gate.bias",))  # a bias the family lacks starts at 0
+    layer.train(block.training)
+    layer._hf_origin = HFOrigin(type(block), block.experts.config, layer_idx)
+    return layer
+
+
+def _to_hf_block(layer: MoELayer, origin: HFOrigin, name: str) -> nn.Module:
+    spec = SPECS[origin.cls.__name__]
+    with torch.device("meta"):
+        block = origin.cls(origin.config, origin.layer_idx) if spec.takes_layer_idx else origin.cls(origin.config)
+    keys = {moe: hf for hf, moe in state_keys(spec, block).items()}
+    bias = layer.gate.bias
+    if bias is not None and "gate.bias" not in keys:
+        if bool(bias.any()):
+            warnings.warn(
+                f"{name}: {origin.cls.__name__} has no expert bias; the trained moe_kit gate.bias is dropped, "
+                "so the transformers model routes as if it were zero (save it separately to keep it)",
+                stacklevel=3,
+            )
+        keys["gate.bias"] = None
+    _move_state(layer, block, keys)
+    block.train(layer.training)
+    return block
+
+
+def _shared_width(block: nn.Module, spec: BlockSpec, limit: float | None) -> int | None:
+    """Hidden width of the shared expert (None without one), after checking it is a plain SwiGLU."""
+    if spec.shared is None:
+        return None
+    shared = getattr(block, spec.shared)
+    act = getattr(shared, "act_fn", None)
+    if act is not None and not is_silu(act):
+        raise ValueError(f"shared expert activation {act!r} is not silu")
+    shared_limit = getattr(shared, "limit", None)
+    if (None if shared_limit is None else float(shared_limit)) != limit:
+        raise ValueError(f"shared expert clamp {shared_limit} differs from the routed experts' {limit}")
+    return int(shared.gate_proj.weight.shape[0])
+
+
+def _move_state(src: nn.Module, dst: nn.Module, keys: dict[str, str | None], zeros=()) -> None:
+    """Put src's parameter / buffer objects into dst's slots named by keys (src key -> dst key;
+    None: dropped). Parameters move as they are (no copy); buffers are cast to dst's dtype
+    (fp32 expert bias, int64 tid2eid). dst buffers named in `zeros`, and those it keeps outside
+    its state_dict, start at zero when src has nothing for them."""
+    src_state, dst_state = src.state_dict(keep_vars=True), dst.state_dict(keep_vars=True)
+    unknown = sorted(set(src_state) - set(keys))
+    if unknown:
+        raise ValueError(f"no place in {type(dst).__name__} for {unknown} (e.g. biases moe_kit does not have)")
+    missing = sorted(set(dst_state) - set(keys.values()) - set(zeros))
+    if missing:
+        raise ValueError(f"{type(src).__name__} has nothing for {type(dst).__name__}'s {missing}")
+    for key, tensor in src_state.items():
+        target = keys[key]
+        if target is None:
+            continue
+        if tensor.shape != dst_state[target].shape:
+            raise ValueError(f"{key} {tuple(tensor.shape)} does not fit {target} {tuple(dst_state[target].shape)}")
+        owner_name, _, leaf = target.rpartition(".")
+        owner = dst.get_submodule(owner_name)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor)
+        else:
+            owner._buffers[leaf] = tensor.detach().to(dst_state[target].dtype)
+    device = next(iter(src_state.values())).device
+    for module in dst.modules():
+        for leaf, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_meta:
+                module._buffers[leaf] = torch.zeros(buffer.shape, dtype=buffer.dtype, device=device)
+    leftover = [n for n, p in dst.named_parameters() if p.is_meta]
+    if leftover:
+        raise ValueError(f"{type(dst).__name__} parameters {leftover} were not filled")
+
+
+# ----------------------------------------------------------------------------- finding blocks
+
+
+def _find_blocks(model: nn.Module) -> dict[str, tuple[nn.Module, BlockSpec]]:
+    """{name: (block, spec)} of the known blocks; ValueError for experts inside an unknown block."""
+    found: dict[str, tuple[nn.Module, BlockSpec]] = {}
+    for name, module in model.named_modules():
+        spec = spec_of(module)
+        if spec is not None:
+            if not name:
+                raise ValueError(f"convert replaces blocks inside a model; got a bare {type(module).__name__}")
+            found[name] = (module, spec)
+        elif is_hf_experts(module) and not any(name.startswith(block + ".") for block in found):
+            parent = model.get_submodule(name.rpartition(".")[0])
+            raise ValueError(
+                f"{name}: moe_kit has no conversion for {type(parent).__name__}; convert knows "
+                f"{sorted(SPECS)} (register() may still run its experts alone if their layout is supported)"
+            )
+    return found
+
+
+def _layer_idx(model: nn.Module, name: str) -> int | None:
+    """The decoder-layer index of a block: its parent's `layer_idx`, else the last number in its name."""
+    parent = model.get_submodule(name.rpartition(".")[0])
+    idx = getattr(parent, "layer_idx", None)
+    if isinstance(idx, int):
+        return idx
+    numbers = re.findall(r"\.(\d+)(?:\.|$)", "." + name)
+    return int(numbers[-1]) if numbers else None
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    model.get_submodule(parent_name)._modules[child] = module
+

@@ -1,0 +1,112 @@
+"""Tile configurations: the autotune lists, the switch that pins one config, the row-block size.
+
+Legend: S = N*k rows of the expert-sorted batch, E experts, D model width, I expert hidden width.
+
+Two kinds of kernel:
+- row-tiled kernels (GEMM 1, GEMM 2, the SwiGLU backward, dX) walk the tile schedule
+  (schedule.py), which is built for one BLOCK_M per forward; autotune picks BLOCK_N, BLOCK_K,
+  num_warps and num_stages only, keyed on the static widths (D, I), never on S;
+- the weight-gradient kernel owns one (expert, output tile) per program and autotunes all three
+  tiles, keyed on its output shape.
+
+Pin one config for every kernel with the environment variable (set it before moe_kit.ops.triton
+is imported: the autotune lists are built when the kernels are defined):
+    MOE_KIT_TRITON_CONFIG="BLOCK_M=64,BLOCK_N=64,BLOCK_K=32,num_warps=4,num_stages=3"
+Under the Triton interpreter (TRITON_INTERPRET=1) a single 16x16x16 config is used unless pinned.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+ENV_VAR = "MOE_KIT_TRITON_CONFIG"
+_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+_INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1)
+_MIN_DOT_TILE = 16  # tl.dot needs every tile dim >= 16
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) per row-tiled kernel, for Hopper/Ampere-class GPUs.
+# Checked offline for sm_90 with Triton's bundled ptxas (BLOCK_M = 128, bf16): the lists avoid
+# configs whose epilogue spills registers (two accumulators in GEMM 1, many live tiles in the
+# SwiGLU backward).
+_ROW_TILED = {
+    "gemm1_swiglu": ((64, 64, 4, 4), (64, 64, 8, 4), (128, 64, 8, 3), (128, 32, 8, 4), (64, 32, 4, 5)),
+    "scatter_gemm": ((64, 64, 4, 4), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 4), (64, 32, 4, 5)),
+    "swiglu_backward": ((64, 64, 8, 3), (64, 64, 8, 4), (32, 64, 8, 4), (32, 64, 4, 4), (64, 128, 8, 3)),
+}
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the per-expert weight-gradient reduction.
+_WEIGHT_GRAD = (
+    (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 8, 4),
+)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its Python interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def parse_config(spec: str) -> dict[str, int]:
+    """"BLOCK_M=64,BLOCK_N=64,..." -> {"BLOCK_M": 64, ...}; every key of _KEYS must be given."""
+    out = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in _KEYS or not value.strip().isdigit():
+            raise ValueError(f"{ENV_VAR}: bad item {item!r}; expected NAME=INT with NAME in {list(_KEYS)}")
+        out[name] = int(value)
+    missing = [name for name in _KEYS if name not in out]
+    if missing:
+        raise ValueError(f"{ENV_VAR}={spec!r} misses {missing}")
+    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        if out[name] < _MIN_DOT_TILE or out[name] & (out[name] - 1):
+            raise ValueError(f"{ENV_VAR}: {name}={out[name]} must be a power of two >= {_MIN_DOT_TILE}")
+    return out
+
+
+def pinned_config() -> dict[str, int] | None:
+    """The one config every kernel uses, or None to autotune."""
+    spec = os.environ.get(ENV_VAR)
+    if spec:
+        return parse_config(spec)
+    return dict(_INTERPRETER_CONFIG) if interpreting() else None
+
+
+def row_tiled_configs(kernel: str) -> list[triton.Config]:
+    """Autotune list of a kernel that walks the tile schedule (BLOCK_M comes from the schedule)."""
+    pin = pinned_config()
+    if pin is not None:
+        return [triton.Config(dict(BLOCK_N=pin["BLOCK_N"], BLOCK_K=pin["BLOCK_K"]),
+                              num_warps=pin["num_warps"], num_stages=pin["num_stages"])]
+    return [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s) for n, k, w, s in _ROW_TILED[kernel]]
+
+
+def weight_grad_configs() -> list[triton.Config]:
+    """Autotune list of the per-expert weight-gradient kernel (BLOCK_K runs over rows)."""
+    pin = pinned_config()
+    if pin is not None:
+        return [triton.Config({name: pin[name] for name in _KEYS[:3]},
+                              num_warps=pin["num_warps"], num_stages=pin["num_stages"])]
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
+            for m, n, k, w, s in _WEIGHT_GRAD]
+
+
+def min_block_n(kernel: str) -> int:
+    """Smallest BLOCK_N `kernel` may pick: sizes its per-column-tile partial buffers."""
+    return min(cfg.kwargs["BLOCK_N"] for cfg in row_tiled_configs(kernel))
+
+
+def block_m(num_rows: int, num_experts: int) -> int:
+    """Rows per tile of the schedule: 128 once experts average >= 128 rows, else 64 (pin wins)."""
+    pin = pinned_config()
+    if pin is not None:
+        return pin["BLOCK_M"]
+    return 128 if num_rows >= 128 * num_experts else 64
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: fp32 follows torch's TF32 switch (off by default), 16-bit ignores it."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"

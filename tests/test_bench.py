@@ -1,0 +1,136 @@
+"""benchmarks/moe_bench.py: the sweep's output schema, its providers, and the output check that
+must refuse to time a backend that computes something else."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import moe_bench  # noqa: E402
+
+from moe_kit import MoEConfig  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FAST = ["--repeats", "1", "--warmup", "0", "--quiet"]
+
+
+def run(tmp_path, *args) -> dict:
+    return moe_bench.main([*args, "--out", str(tmp_path), *FAST])
+
+
+def test_tiny_sweep_writes_json_markdown_and_png(tmp_path):
+    data = run(tmp_path, "--preset", "tiny", "--tokens", "32,64", "--device", "cpu", "--pass", "both")
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(data["rows"]))
+    env = saved["environment"]
+    for key in ("device", "device_name", "torch", "triton", "date", "threads", "command"):
+        assert key in env
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__
+
+    providers = [f"moe_kit_{b}" for b in moe_bench.available_backends(torch.device("cpu"))] + ["hf_eager", "dense"]
+    assert {"moe_kit_torch", "moe_kit_loop"} <= set(providers)
+    cells = {(r["backend"], r["pass"], r["tokens"]) for r in saved["rows"]}
+    assert cells == {(p, s, t) for p in providers for s in ("fwd", "fwdbwd") for t in (32, 64)}
+    assert len(saved["rows"]) == len(cells)
+    for row in saved["rows"]:
+        for key in ("backend", "pass", "tokens", "ms", "tflops", "ms_min", "ms_max", "samples_ms"):
+            assert key in row
+        assert row["ms_min"] <= row["ms"] <= row["ms_max"] and row["tflops"] > 0
+        assert row["tflops"] == pytest.approx(row["flops"] / row["ms"] / 1e9)
+        if row["backend"] == "dense":
+            assert row["max_rel_err"] is None
+        else:
+            assert 0 <= row["max_rel_err"] <= 1e-4
+    fwd = next(r for r in saved["rows"] if r["pass"] == "fwd" and r["tokens"] == 32)
+    bwd = next(r for r in saved["rows"] if r["pass"] == "fwdbwd" and r["tokens"] == 32)
+    assert fwd["flops"] == 6 * 32 * 64 * 2 * 32 and bwd["flops"] == 3 * fwd["flops"]
+
+    table = (tmp_path / "results.md").read_text()
+    assert table.startswith("**tiny**") and "| pass | tokens | provider |" in table
+    assert table.count("\n| fwd |") == 2 * len(providers) and "hf_eager" in table
+    assert (tmp_path / "results.png").read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.parametrize(
+    "preset, extra",
+    [
+        pytest.param("deepseek-v3", [], id="sigmoid-groups-bias-shared"),
+        pytest.param("deepseek-v4", ["--layer-id", "0"], id="hash-sqrtsoftplus-clamp"),
+    ],
+)
+def test_routing_hf_lacks_goes_through_the_moe_kit_gate(tmp_path, preset, extra):
+    data = run(tmp_path, "--preset", preset, "--scale", "0.01", "--tokens", "24", "--pass", "fwdbwd",
+               "--backends", "torch", *extra)
+    assert data["config"]["hf_eager_routing"] == "hf_eager uses moe_kit's gate output"
+    assert {r["backend"] for r in data["rows"]} == {"moe_kit_torch", "hf_eager", "dense"}
+    assert all(r["max_rel_err"] <= 1e-4 for r in data["rows"] if r["backend"] != "dense")
+    if preset == "deepseek-v4":
+        assert data["config"]["hash_routed"]
+
+
+def test_bf16_check_uses_the_bf16_tolerance(tmp_path):
+    data = run(tmp_path, "--preset", "tiny", "--tokens", "48", "--pass", "fwd", "--dtype", "bfloat16")
+    errors = [r["max_rel_err"] for r in data["rows"] if r["backend"] != "dense"]
+    assert max(errors) <= 2e-2 and data["environment"]["dtype"] == "bfloat16"
+
+
+def test_a_broken_backend_is_refused_before_timing(tmp_path, monkeypatch):
+    real = moe_bench.make_providers
+
+    class OffByOnePermille(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, input_ids=None):
+            return self.inner(x, input_ids) * 1.001
+
+    def broken(layer, backends):
+        providers = real(layer, backends)
+        providers["moe_kit_torch"] = OffByOnePermille(providers["moe_kit_torch"])
+        return providers
+
+    monkeypatch.setattr(moe_bench, "make_providers", broken)
+    with pytest.raises(moe_bench.OutputMismatch, match="moe_kit_torch: output differs"):
+        run(tmp_path, "--preset", "tiny", "--tokens", "32", "--pass", "fwd")
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_render_rebuilds_table_and_plot_from_json(tmp_path):
+    run(tmp_path, "--preset", "tiny", "--tokens", "16", "--pass", "fwd", "--backends", "torch")
+    table = (tmp_path / "results.md").read_text()
+    (tmp_path / "results.md").unlink()
+    (tmp_path / "results.png").unlink()
+    moe_bench.main(["--render", str(tmp_path)])
+    assert (tmp_path / "results.md").read_text() == table
+    assert (tmp_path / "results.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_gemm_rate_and_bad_arguments(tmp_path):
+    data = run(tmp_path, "--preset", "tiny", "--tokens", "16", "--pass", "fwd", "--gemm-size", "64", "--no-hf")
+    assert data["dense_gemm"]["size"] == 64 and data["dense_gemm"]["tflops"] > 0
+    assert "hf_eager" not in {r["backend"] for r in data["rows"]}
+    assert "Device dense GEMM rate" in (tmp_path / "results.md").read_text()
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--preset", "tiny", "--tokens", "16", "--backends", "triton")
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--preset", "not-a-model", "--tokens", "16")
+
+
+def test_scaled_presets_keep_routing_and_shrink_sizes():
+    qwen = moe_bench.build_config("qwen3-30b-a3b", 0.125)
+    assert (qwen.hidden_size, qwen.intermediate_size, qwen.num_experts, qwen.top_k) == (256, 96, 128, 8)
+    mixtral = moe_bench.build_config("mixtral-8x7b", 0.125)
+    assert (mixtral.hidden_size, mixtral.intermediate_size) == (512, 1792)
+    assert mixtral.aux_loss_coef == 0.0 and mixtral.norm_topk_prob
+    v3 = moe_bench.build_config("deepseek-v3", 0.125)
+    full = MoEConfig.preset("deepseek-v3")
+    assert v3.shared_intermediate_size == 256 and v3.n_groups == full.n_groups and v3.route_scale == full.route_scale
+    assert set(moe_bench.PRESET_NAMES) == {"mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3", "deepseek-v4", "tiny"}

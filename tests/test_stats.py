@@ -1,0 +1,236 @@
+"""Routing diagnostics: the cv / entropy formulas, RoutingMonitor against hand-computed numbers,
+its JSON round trip and plots, and a smoke run of examples/routing_collapse.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import moe_kit
+from moe_kit import MoEConfig, MoELayer
+from moe_kit.stats import RoutingMonitor, load_cv, load_matrix, plot_routing, score_entropy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- formulas
+
+
+@pytest.mark.parametrize(
+    "load, expected",
+    [
+        pytest.param([4, 4, 4, 4], 0.0, id="balanced"),
+        pytest.param([8, 0, 0, 0], math.sqrt(3), id="one-hot-expert"),
+        pytest.param([1, 2, 3, 6], math.sqrt(3.5) / 3, id="hand"),  # mean 3, var (4+1+0+9)/4
+        pytest.param([0, 0, 0], float("nan"), id="no-load"),
+    ],
+)
+def test_load_cv(load, expected):
+    got = load_cv(torch.tensor(load))
+    if math.isnan(expected):
+        assert math.isnan(got)
+    else:
+        assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_score_entropy_formula():
+    uniform = torch.full((5, 8), 0.3)  # any positive constant: normalized to 1/8
+    assert float(score_entropy(uniform)) == pytest.approx(math.log(8), rel=1e-6)
+    one_hot = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.7]])
+    assert float(score_entropy(one_hot)) == pytest.approx(0.0, abs=1e-7)
+    # sigmoid-style scores that do not sum to 1: [1, 1, 2] -> p = [1/4, 1/4, 1/2] -> H = 1.5 ln 2
+    mixed = torch.tensor([[1.0, 1.0, 2.0], [0.5, 0.5, 0.5]])
+    assert float(score_entropy(mixed)) == pytest.approx((1.5 * math.log(2) + math.log(3)) / 2, rel=1e-6)
+    assert math.isnan(float(score_entropy(torch.zeros(0, 4))))
+
+
+def test_routing_stats_cv_property():
+    layer = MoELayer(MoEConfig(hidden_size=8, intermediate_size=4, num_experts=4, top_k=2))
+    layer(torch.randn(16, 8))
+    assert layer.stats.load_cv == pytest.approx(load_cv(layer.stats.load))
+
+
+# ----------------------------------------------------------------------------- monitor vs hand values
+
+
+def one_hot_router_layer(**overrides) -> MoELayer:
+    """D = E = 4, k = 1, router weight 10 * I: token e (one-hot input) picks expert e."""
+    cfg = MoEConfig(hidden_size=4, intermediate_size=4, num_experts=4, top_k=1, **overrides)
+    layer = MoELayer(cfg)
+    with torch.no_grad():
+        layer.gate.weight.copy_(10 * torch.eye(4))
+    return layer
+
+
+def softmax_row_entropy(logits: list[float]) -> float:
+    z = sum(math.exp(v) for v in logits)
+    return -sum(math.exp(v) / z * (v - math.log(z)) for v in logits)
+
+
+def test_monitor_matches_hand_computed_values():
+    model = nn.Sequential(one_hot_router_layer(), one_hot_router_layer())
+    monitor = RoutingMonitor(model)
+    x = torch.eye(4)[[0, 0, 0, 1]]  # tokens to experts 0, 0, 0, 1 -> load [3, 1, 0, 0]
+    with torch.no_grad():
+        model[0](x)
+        model[1](x[:2])  # layer 1 only sees tokens to expert 0 -> load [2, 0, 0, 0]
+    rows = monitor.record(step=7)
+    assert [r["layer"] for r in rows] == ["0", "1"] and all(r["step"] == 7 for r in rows)
+    first, second = rows
+    assert first["load"] == [3, 1, 0, 0]
+    assert first["max_over_mean"] == pytest.approx(3.0)
+    assert first["cv"] == pytest.approx(math.sqrt(1.5))  # deviations 2, 0, -1, -1
+    assert first["entropy"] == pytest.approx(softmax_row_entropy([10, 0, 0, 0]), abs=1e-6)  # ~1.5e-3
+    assert first["entropy_max"] == pytest.approx(math.log(4))
+    assert first["dropped_fraction"] == 0.0
+    assert first["bias_min"] is None and first["bias_max"] is None
+    assert first["aux_loss"] is None and first["z_loss"] is None
+    assert second["load"] == [2, 0, 0, 0]
+    assert second["max_over_mean"] == pytest.approx(4.0)
+    assert second["cv"] == pytest.approx(math.sqrt(3))
+    assert monitor.history == rows
+    monitor.record(step=8)
+    assert [r["step"] for r in monitor.history] == [7, 7, 8, 8]
+    assert monitor.layers() == ["0", "1"]
+
+
+def test_monitor_reads_bias_dropped_and_losses():
+    biased = one_hot_router_layer(expert_bias=True, bias_update_rate=0.25)
+    capped = one_hot_router_layer(capacity_factor=1.0, aux_loss_coef=0.5, z_loss_coef=0.1)
+    model = nn.ModuleDict({"biased": biased, "capped": capped})
+    monitor = RoutingMonitor(model)
+    x = torch.eye(4)[[0, 0, 0, 1]]
+    biased(x)  # training mode: counts [3, 1, 0, 0], mean 1
+    moe_kit.update_expert_bias(model)  # bias = 0.25 * sign(1 - load) = [-0.25, 0, 0.25, 0.25]
+    biased(x)
+    capped(x)  # capacity ceil(1.0 * 4 * 1 / 4) = 1 slot per expert: 2 of the 4 slots dropped
+    rows = {r["layer"]: r for r in monitor.record(0)}
+    assert rows["biased"]["bias_min"] == pytest.approx(-0.25) and rows["biased"]["bias_max"] == pytest.approx(0.25)
+    assert rows["capped"]["dropped_fraction"] == pytest.approx(0.5)
+    assert rows["capped"]["load"] == [1, 1, 0, 0]
+    assert rows["capped"]["aux_loss"] == pytest.approx(capped.stats.aux_loss)
+    assert rows["capped"]["z_loss"] == pytest.approx(capped.stats.z_loss)
+
+
+def test_monitor_entropy_flag_close_and_hash_gate():
+    cfg = MoEConfig(hidden_size=8, intermediate_size=4, num_experts=4, top_k=2, hash_routing=True, vocab_size=10)
+    model = nn.ModuleDict({"hash": MoELayer(cfg), "plain": MoELayer(cfg.replace(hash_routing=False))})
+    x, ids = torch.randn(6, 8), torch.randint(0, 10, (6,))
+    with RoutingMonitor(model) as monitor:
+        assert model["hash"].gate.track_entropy and model["plain"].gate.track_entropy
+        model["hash"](x, ids)
+        model["plain"](x)
+        rows = {r["layer"]: r for r in monitor.record(0)}
+        for name in ("hash", "plain"):
+            gate = model[name].gate
+            scores = torch.softmax(x @ gate.weight.detach().T, dim=-1)
+            expected = float(-(scores * scores.log()).sum(-1).mean())
+            assert rows[name]["entropy"] == pytest.approx(expected, rel=1e-5)
+    assert not model["plain"].gate.track_entropy and model["plain"].gate.entropy is None
+    quiet = RoutingMonitor(model, entropy=False)
+    model["plain"](x)
+    assert all(r["entropy"] is None for r in quiet.record(1))
+
+
+def test_monitor_skips_layers_without_a_forward_and_needs_a_model():
+    model = nn.ModuleDict({"ran": one_hot_router_layer(), "idle": one_hot_router_layer()})
+    monitor = RoutingMonitor(model)
+    model["ran"](torch.eye(4))
+    assert [r["layer"] for r in monitor.record(0)] == ["ran"]
+    with pytest.raises(ValueError, match="no model"):
+        RoutingMonitor().record(0)
+
+
+def test_monitor_empty_batch_is_json_safe(tmp_path):
+    layer = one_hot_router_layer()
+    monitor = RoutingMonitor(layer)
+    layer(torch.zeros(0, 4))
+    (row,) = monitor.record(0)
+    assert row["load"] == [0, 0, 0, 0]
+    assert row["max_over_mean"] is None and row["cv"] is None and row["entropy"] is None
+    monitor.to_json(tmp_path / "h.json")
+    assert "NaN" not in (tmp_path / "h.json").read_text()
+
+
+def test_json_round_trip(tmp_path):
+    model = nn.Sequential(one_hot_router_layer(expert_bias=True), one_hot_router_layer())
+    monitor = RoutingMonitor(model)
+    for step in range(3):
+        model(torch.randn(10, 4))
+        moe_kit.update_expert_bias(model)
+        monitor.record(step)
+    path = tmp_path / "routing.json"
+    monitor.to_json(path, run="demo")
+    data = json.loads(path.read_text())
+    assert data["run"] == "demo" and len(data["history"]) == 6
+    loaded = RoutingMonitor.from_json(path)
+    assert loaded.history == monitor.history
+    assert loaded.model is None and loaded.layers() == ["0", "1"]
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def test_load_matrix_is_load_over_mean():
+    history = [
+        dict(step=1, layer="a", load=[3, 1, 0, 0]),
+        dict(step=2, layer="a", load=[1, 1, 1, 1]),
+        dict(step=2, layer="b", load=[0, 6]),
+    ]
+    steps, layers, blocks = load_matrix(history)
+    assert steps.tolist() == [1, 2] and layers == ["a", "b"]
+    assert blocks[0].tolist() == [[3.0, 1.0], [1.0, 1.0], [0.0, 1.0], [0.0, 1.0]]
+    assert math.isnan(blocks[1][0, 0]) and blocks[1][:, 1].tolist() == [0.0, 2.0]
+
+
+def test_plots_write_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    model = nn.Sequential(one_hot_router_layer(), one_hot_router_layer())
+    monitor = RoutingMonitor(model)
+    for step in range(4):
+        model(torch.randn(12, 4))
+        monitor.record(step)
+    monitor.plot(tmp_path / "one.png", title="one run")
+    plot_routing({"a": monitor.history, "b": monitor.history[:4]}, tmp_path / "two.png", metric="cv")
+    for name in ("one.png", "two.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000
+
+
+# ----------------------------------------------------------------------------- the collapse example
+
+
+def test_routing_collapse_example_smoke(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        import routing_collapse
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "collapse"
+    routing_collapse.main(["--steps", "4", "--out", str(out), "--layers", "2", "--batch", "4", "--seq", "16"])
+    data = json.loads((out / "collapse.json").read_text())
+    assert set(data["modes"]) == {"none", "aux_loss", "noaux_tc"}
+    for mode, result in data["modes"].items():
+        assert result["max_over_mean_load"] >= 1.0
+        assert math.isfinite(result["loss"]) and math.isfinite(result["eval_loss"])
+        assert len(result["loss_curve"]) == 4
+        assert len(result["history"]) == 4 * 2  # steps x layers
+        assert data["summary"][mode]["max_over_mean_load"] == result["max_over_mean_load"]
+    if _has_matplotlib():
+        for name in ("collapse.png", "load_none.png", "load_aux_loss.png", "load_noaux_tc.png"):
+            assert (out / name).read_bytes().startswith(PNG_MAGIC)
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
