@@ -15,7 +15,7 @@ from torch import nn
 
 from moe_kit.balancing import attach_loss, is_recomputing, switch_aux_loss, z_loss
 from moe_kit.config import MoEConfig
-from moe_kit.ep.losses import group_balancing_losses
+from moe_kit.group_balancing import group_balancing_losses
 from moe_kit.stats import score_entropy
 
 
