@@ -65,13 +65,13 @@ def _weight_grad_kernel(
         b_rows = rows
         if B_GATHER:
             b_rows = tl.load(b_index_ptr + rows, mask=r_ok, other=0).to(tl.int64)
-        a = tl.load(a_ptr + a_rows[None, :] * stride_ar + ms[:, None] * stride_am,
+        a = tl.load(a_ptr + a_rows[None, :] * stride_ar + ms.to(tl.int64)[:, None] * stride_am,
                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # [BM, BK], a^T
         if HAS_SCALE:
             slot = tl.load(scale_index_ptr + rows, mask=r_ok, other=0).to(tl.int64)
             s = tl.load(scale_ptr + slot, mask=r_ok, other=0.0).to(tl.float32)
             a = (a.to(tl.float32) * s[None, :]).to(a_ptr.dtype.element_ty)
-        b = tl.load(b_ptr + b_rows[:, None] * stride_br + ps[None, :] * stride_bp,
+        b = tl.load(b_ptr + b_rows[:, None] * stride_br + ps.to(tl.int64)[None, :] * stride_bp,
                     mask=r_ok[:, None] & p_ok[None, :], other=0.0)  # [BK, BN]
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
