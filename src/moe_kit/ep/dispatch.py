@@ -29,6 +29,7 @@ from moe_kit.config import MoEConfig
 from moe_kit.ep.all_to_all import all_to_all, exchange_counts
 from moe_kit.experts import GroupedExperts
 from moe_kit.ops import dispatch
+from moe_kit.ops.capacity import over_capacity
 from moe_kit.ops.routing import RoutingPlan, routing_plan
 
 
@@ -92,18 +93,6 @@ def plan_exchange(indices: torch.Tensor, num_experts: int, group) -> ExchangePla
         torch.arange(num_local, device=counts.device).repeat(world), mine, output_size=sum(recv_splits)
     )
     return ExchangePlan(plan, counts, rows[rank], recv_splits, local_expert, sum(map(sum, rows)))
-
-
-def over_capacity(weights: torch.Tensor, expert: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
-    """bool [R]: rows beyond their expert's `capacity` when each expert keeps its heaviest rows
-    (ties: earlier row first). weights [R], expert int64 [R] in 0..num_experts-1."""
-    by_weight = torch.argsort(weights, descending=True, stable=True)
-    order = by_weight[torch.argsort(expert[by_weight], stable=True)]  # by expert, then weight
-    counts = torch.bincount(expert, minlength=num_experts)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=order.device) - starts[expert[order]]
-    return rank >= capacity
 
 
 def global_capacity(num_slots: int, num_experts: int, capacity_factor: float) -> int:
