@@ -19,7 +19,7 @@ import triton.language as tl
 
 from moe_kit.ops.triton.compat import wrap_triton
 from moe_kit.ops.triton.configs import dot_precision, row_tiled_configs
-from moe_kit.ops.triton.schedule import GROUP_M, tile_of_program
+from moe_kit.ops.triton.schedule import GROUP_M, rows_of_block, tile_of_program
 
 
 def _reference(x, gate_up, token_of_row, expert_of_row, limit=None):
@@ -46,12 +46,7 @@ def _gemm1_swiglu_kernel(
     expert = tl.load(table_ptr + block)
     if expert < 0:
         return
-    row_start = tl.load(table_ptr + num_blocks + block)
-    row_end = tl.load(table_ptr + 2 * num_blocks + block)
-
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_ok = rows < row_end
-    rows = rows.to(tl.int64)
+    rows, row_ok = rows_of_block(table_ptr, block, num_blocks, BLOCK_M)
     token = tl.load(token_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [BM]
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # columns of act, rows of gate_up[e]
     col_ok = cols < INTER

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from moe_kit.ops.triton.compat import wrap_triton
 from moe_kit.ops.triton.configs import dot_precision, row_tiled_configs
-from moe_kit.ops.triton.schedule import GROUP_M, tile_of_program
+from moe_kit.ops.triton.schedule import GROUP_M, rows_of_block, tile_of_program
 
 
 def _reference(a, w_km, expert_of_row, slot_of_row, scale=None):
@@ -47,12 +47,7 @@ def _scatter_gemm_kernel(
     expert = tl.load(table_ptr + block)
     if expert < 0:
         return
-    row_start = tl.load(table_ptr + num_blocks + block)
-    row_end = tl.load(table_ptr + 2 * num_blocks + block)
-
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_ok = rows < row_end
-    rows = rows.to(tl.int64)
+    rows, row_ok = rows_of_block(table_ptr, block, num_blocks, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < M
     ks = tl.arange(0, BLOCK_K)

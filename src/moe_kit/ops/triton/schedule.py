@@ -42,6 +42,15 @@ def tile_of_program(pid, num_blocks, num_n, GROUP_M: tl.constexpr):
     return block, pid_n
 
 
+@triton.jit
+def rows_of_block(table_ptr, block, num_blocks, BLOCK_M: tl.constexpr):
+    """Row block -> (int64 row ids [BLOCK_M], bool [BLOCK_M]: rows inside the block)."""
+    row_start = tl.load(table_ptr + num_blocks + block)
+    row_end = tl.load(table_ptr + 2 * num_blocks + block)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    return rows.to(tl.int64), rows < row_end
+
+
 def num_row_blocks(num_rows: int, num_experts: int, block_m: int) -> int:
     """B = cdiv(S, BLOCK_M) + E: an upper bound on the row blocks of any routing."""
     return -(-num_rows // block_m) + num_experts
