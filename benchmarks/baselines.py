@@ -105,6 +105,53 @@ class HFEagerLoop(HFEagerMoEBlock):
         return F.silu(gate) * up
 
 
+class _HFExpertsView:
+    """The attributes transformers' experts forwards read from `self`, over a MoELayer's weights."""
+
+    def __init__(self, layer: MoELayer):
+        self._layer = layer
+        self.num_experts = layer.cfg.num_experts
+        self.has_gate, self.has_bias, self.is_transposed = True, False, False
+        self.has_post_expert_norm, self._is_expert_parallel = False, False
+        self.act_fn = F.silu
+
+    @property
+    def gate_up_proj(self):
+        return self._layer.experts.gate_up_proj
+
+    @property
+    def down_proj(self):
+        return self._layer.experts.down_proj
+
+    def _apply_gate(self, gate_up_out):
+        gate, up = gate_up_out.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
+
+class HFExperts(HFEagerMoEBlock):
+    """HF's router (as HFEagerMoEBlock) + one of transformers' own experts implementations,
+    `impl` = "grouped_mm" (the transformers 5.x default) or "batched_mm", from
+    transformers.integrations.moe, on a MoELayer's weights (softmax routers only)."""
+
+    def __init__(self, layer: MoELayer, impl: str = "grouped_mm"):
+        super().__init__(layer)
+        from transformers.integrations import moe as hf_moe
+
+        self.impl = impl
+        self._forward = {"grouped_mm": hf_moe.grouped_mm_experts_forward,
+                         "batched_mm": hf_moe.batched_mm_experts_forward}[impl]
+        self._view = _HFExpertsView(layer)
+
+    def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        out = super().forward(hidden_states)
+        if self.layer.shared_experts is not None:
+            out = out + self.layer.shared_experts(hidden_states)
+        return out
+
+    def _experts(self, hidden_states, top_k_index, top_k_weights):
+        return self._forward(self._view, hidden_states, top_k_index, top_k_weights)
+
+
 class DenseSwiGLU(nn.Module):
     """One SwiGLU MLP with hidden width k*I: the same active FLOPs per token as the MoE layer."""
 

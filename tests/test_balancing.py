@@ -186,10 +186,11 @@ def reference_grads(gate, x, cfg, upstream, bias=None):
     main = (upstream * weights).sum()
     losses = torch.zeros(())
     if cfg.aux_loss_coef > 0:
+        plain = ref_select(s.detach(), None, cfg.top_k)  # f counts the unbiased top-k (Megatron, DeepSeek-V3)
         if cfg.aux_loss_type == "global":
-            aux = ref_aux(s, idx, cfg.num_experts)
+            aux = ref_aux(s, plain, cfg.num_experts)
         else:
-            aux = ref_aux_sequence(s, idx, cfg.num_experts, x.shape[0], x.shape[1])
+            aux = ref_aux_sequence(s, plain, cfg.num_experts, x.shape[0], x.shape[1])
         losses = losses + cfg.aux_loss_coef * aux
     if cfg.z_loss_coef > 0:
         losses = losses + cfg.z_loss_coef * ref_z(logits)
@@ -204,10 +205,10 @@ def reference_grads(gate, x, cfg, upstream, bias=None):
 @pytest.mark.parametrize(
     "aux_coef,z_coef,kind",
     [
-        pytest.param(2.0, 0.0, "global", id="aux-global"),
-        pytest.param(2.0, 0.0, "sequence", id="aux-sequence"),
+        pytest.param(6.0, 0.0, "global", id="aux-global"),
+        pytest.param(6.0, 0.0, "sequence", id="aux-sequence"),
         pytest.param(0.0, 0.2, "global", id="z-only"),
-        pytest.param(2.0, 0.2, "sequence", id="aux+z"),
+        pytest.param(6.0, 0.2, "sequence", id="aux+z"),
         pytest.param(0.0, 0.0, "global", id="no-loss"),
     ],
 )
@@ -217,7 +218,7 @@ def test_losses_reach_gradient_by_themselves(score_func, aux_coef, z_coef, kind,
                    aux_loss_type=kind, expert_bias=True, route_scale=1.5)
     gate = make_gate(cfg, 7)
     with torch.no_grad():
-        gate.bias.copy_(torch.randn(6) * 0.3)
+        gate.expert_bias.copy_(torch.randn(6) * 0.3)
     wrapper = nn.ModuleDict({"router": gate})
     moe_kit.set_aux_loss_scale(wrapper, scale)
     x = torch.randn(3, 10, cfg.hidden_size, requires_grad=True)
@@ -225,7 +226,7 @@ def test_losses_reach_gradient_by_themselves(score_func, aux_coef, z_coef, kind,
     weights, idx = gate(x)
     (weights * upstream).sum().backward()
 
-    g_main, g_loss, ref_idx = reference_grads(gate, x, cfg, upstream, bias=gate.bias.clone())
+    g_main, g_loss, ref_idx = reference_grads(gate, x, cfg, upstream, bias=gate.expert_bias.clone())
     assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
     if aux_coef or z_coef:  # the loss gradient is large enough that dropping or mis-scaling it is visible
         assert g_loss[0].norm() > 0.02 * g_main[0].norm()
@@ -330,26 +331,26 @@ def test_counts_not_double_counted_under_checkpoint(use_reentrant):
 def test_update_expert_bias_by_hand():
     gate = bias_gate(bias_update_rate=0.01)
     with torch.no_grad():
-        gate.bias.copy_(torch.tensor([0.1, -0.2, 0.0, 0.3, 0.0, 0.0]))
+        gate.expert_bias.copy_(torch.tensor([0.1, -0.2, 0.0, 0.3, 0.0, 0.0]))
         gate.expert_counts.copy_(torch.tensor([10.0, 0.0, 5.0, 6.0, 4.0, 5.0]))  # mean 5
     moe_kit.update_expert_bias(gate)
     # sign(5 - load) = [-1, +1, 0, -1, +1, 0]
     expected = torch.tensor([0.1 - 0.01, -0.2 + 0.01, 0.0, 0.3 - 0.01, 0.01, 0.0])
-    torch.testing.assert_close(gate.bias, expected, rtol=0, atol=1e-7)
-    assert gate.bias.dtype == torch.float32
+    torch.testing.assert_close(gate.expert_bias, expected, rtol=0, atol=1e-7)
+    assert gate.expert_bias.dtype == torch.float32
     assert torch.equal(gate.expert_counts, torch.zeros(6))
     moe_kit.update_expert_bias(gate)  # all loads 0 = mean: no change
-    torch.testing.assert_close(gate.bias, expected, rtol=0, atol=1e-7)
+    torch.testing.assert_close(gate.expert_bias, expected, rtol=0, atol=1e-7)
 
 
 def test_update_expert_bias_clamps():
     gate = bias_gate(bias_update_rate=0.05, bias_max=0.5)
     with torch.no_grad():
-        gate.bias.copy_(torch.tensor([0.48, -0.48, 0.5, -0.5, 0.2, -0.2]))
+        gate.expert_bias.copy_(torch.tensor([0.48, -0.48, 0.5, -0.5, 0.2, -0.2]))
         gate.expert_counts.copy_(torch.tensor([0.0, 10.0, 0.0, 10.0, 0.0, 10.0]))  # mean 5
     moe_kit.update_expert_bias(gate)
     expected = torch.tensor([0.5, -0.5, 0.5, -0.5, 0.25, -0.25])
-    torch.testing.assert_close(gate.bias, expected, rtol=0, atol=1e-7)
+    torch.testing.assert_close(gate.expert_bias, expected, rtol=0, atol=1e-7)
 
 
 def test_update_expert_bias_over_model_from_forwards():
@@ -361,8 +362,8 @@ def test_update_expert_bias_over_model_from_forwards():
     hashed = make_gate(make_cfg(vocab_size=16), 6, cls=HashGate)
     model = nn.ModuleList([g1, g2, plain, hashed]).train()
     with torch.no_grad():
-        g2.bias.copy_(torch.tensor([0.3, -0.3, 0.0, 0.1]))
-    b1, b2 = g1.bias.clone(), g2.bias.clone()
+        g2.expert_bias.copy_(torch.tensor([0.3, -0.3, 0.0, 0.1]))
+    b1, b2 = g1.expert_bias.clone(), g2.expert_bias.clone()
     _, i1 = g1(torch.randn(40, 8))
     _, i2a = g2(torch.randn(17, 8))
     _, i2b = g2(torch.randn(9, 8))
@@ -371,10 +372,10 @@ def test_update_expert_bias_over_model_from_forwards():
     w_plain = plain.weight.detach().clone()
     l1, l2 = loads(i1, 6), loads(i2a, 4) + loads(i2b, 4)
     moe_kit.update_expert_bias(model)
-    torch.testing.assert_close(g1.bias, (b1 + 0.02 * torch.sign(l1.mean() - l1)).clamp(-1, 1), rtol=0, atol=1e-7)
-    torch.testing.assert_close(g2.bias, (b2 + 0.1 * torch.sign(l2.mean() - l2)).clamp(-1, 1), rtol=0, atol=1e-7)
+    torch.testing.assert_close(g1.expert_bias, (b1 + 0.02 * torch.sign(l1.mean() - l1)).clamp(-1, 1), rtol=0, atol=1e-7)
+    torch.testing.assert_close(g2.expert_bias, (b2 + 0.1 * torch.sign(l2.mean() - l2)).clamp(-1, 1), rtol=0, atol=1e-7)
     assert torch.equal(g1.expert_counts, torch.zeros(6)) and torch.equal(g2.expert_counts, torch.zeros(4))
-    assert torch.equal(plain.weight, w_plain) and plain.bias is None
+    assert torch.equal(plain.weight, w_plain) and plain.expert_bias is None
 
 
 # ----------------------------------------------------------------------------- balancing dynamics
@@ -412,5 +413,5 @@ def test_expert_bias_balances_skewed_router():
     last = balanced[-50:].sum(0)
     assert last.max() / last.mean() < 1.3, last
     # the bias pushed the two hot experts down and the others up, within the clamp
-    assert (gate.bias[:2] < 0).all() and (gate.bias[2:] > gate.bias[:2].max()).all()
-    assert gate.bias.abs().max() <= gate.cfg.bias_max
+    assert (gate.expert_bias[:2] < 0).all() and (gate.expert_bias[2:] > gate.expert_bias[:2].max()).all()
+    assert gate.expert_bias.abs().max() <= gate.cfg.bias_max

@@ -93,8 +93,8 @@ def build_full(case: Case) -> MoELayer:
     torch.manual_seed(0)
     layer = MoELayer(make_cfg(case)).to(case.dtype)
     with torch.no_grad():
-        if layer.gate.bias is not None:
-            layer.gate.bias.copy_(0.05 * torch.randn(layer.cfg.num_experts))
+        if layer.gate.expert_bias is not None:
+            layer.gate.expert_bias.copy_(0.05 * torch.randn(layer.cfg.num_experts))
         if case.zero_gate:
             layer.gate.weight.zero_()
     return layer
@@ -138,7 +138,7 @@ def _run_case(name: str, case: Case, world: int, rank: int, requires_grad: bool 
         out=out.detach(), out_eval=out_eval, grad_x=x.grad,
         grads={n: p.grad for n, p in layer.named_parameters()},
         load=stats.load, aux=stats.aux_loss, z=stats.z_loss, dropped=stats.dropped_fraction,
-        bias=None if layer.gate.bias is None else layer.gate.bias.clone(), state=gathered if rank == 0 else None,
+        bias=None if layer.gate.expert_bias is None else layer.gate.expert_bias.clone(), state=gathered if rank == 0 else None,
     )
 
 
@@ -257,8 +257,8 @@ def test_matches_single_process(ranks, name):
             assert (got is None) == (want is None)
             if want is not None:
                 assert got == pytest.approx(want, rel=1e-9 if case.dtype == torch.float64 else 1e-4)
-        if ref.gate.bias is not None:
-            assert torch.equal(r["bias"], ref.gate.bias)
+        if ref.gate.expert_bias is not None:
+            assert torch.equal(r["bias"], ref.gate.expert_bias)
     state = all_results[0][name]["state"]  # full_state_dict gathers the experts back
     assert state.keys() == ref.state_dict().keys()
     for key, value in ref.state_dict().items():

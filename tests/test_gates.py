@@ -99,7 +99,7 @@ def make_topk_gate(cfg, seed=0, bias_scale=0.5):
     with torch.no_grad():
         gate.weight.normal_(0.0, cfg.hidden_size**-0.5)  # logits ~ N(0, 1): no saturated (tied) scores
         if cfg.expert_bias:
-            gate.bias.copy_(torch.randn(cfg.num_experts) * bias_scale)
+            gate.expert_bias.copy_(torch.randn(cfg.num_experts) * bias_scale)
     return gate
 
 
@@ -137,7 +137,7 @@ def test_topk_gate_matches_reference(setup):
     gate = make_topk_gate(cfg, seed)
     x = torch.randn(n_tokens, cfg.hidden_size)
     got = gate(x)
-    ref = ref_topk_gate(x, gate.weight.detach(), gate.bias, cfg)
+    ref = ref_topk_gate(x, gate.weight.detach(), gate.expert_bias, cfg)
     assert_same_routing(got, ref)
     # distinct experts per token, and with group limiting at most topk_groups groups touched
     idx = got[1]
@@ -162,7 +162,7 @@ def test_weights_are_unbiased_scores_of_biased_choice(score_func, norm, scale, s
     w, idx = gate(x)
     s = ref_scores(ref_logits(x, gate.weight.detach()), score_func)
     # chosen by s + bias ...
-    ref_idx = (s + gate.bias).argsort(dim=-1, descending=True)[:, : cfg.top_k]
+    ref_idx = (s + gate.expert_bias).argsort(dim=-1, descending=True)[:, : cfg.top_k]
     assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
     # ... which here differs from choosing by s alone for some tokens (the bias matters) ...
     plain = s.argsort(dim=-1, descending=True)[:, : cfg.top_k]
@@ -190,7 +190,7 @@ def test_group_score_rule(score_func, use_bias, expected):
     with torch.no_grad():
         if use_bias:
             gate.weight.zero_()  # every score 0.5
-            gate.bias.copy_(torch.tensor([0.4, -0.5, 0.1, 0.09]))
+            gate.expert_bias.copy_(torch.tensor([0.4, -0.5, 0.1, 0.09]))
         else:
             gate.weight.copy_(torch.tensor([[2.0], [-5.0], [1.0], [0.9]]))
     w, idx = gate(torch.ones(3, 1))
@@ -225,7 +225,7 @@ def test_leading_shapes_flatten_to_tokens(shape, expert_bias, n_groups):
     w, idx = gate(x)
     n = math.prod(shape[:-1])
     assert w.shape == (n, cfg.top_k) and idx.shape == (n, cfg.top_k)
-    assert_same_routing((w, idx), ref_topk_gate(x, gate.weight.detach(), gate.bias, cfg))
+    assert_same_routing((w, idx), ref_topk_gate(x, gate.weight.detach(), gate.expert_bias, cfg))
 
 
 @pytest.mark.parametrize("score_func", SCORE_FUNCS)
@@ -239,22 +239,22 @@ def test_bf16_input_and_weight_route_in_fp32(score_func, expert_bias):
     w, idx = gate(x)
     assert w.dtype == torch.float32 and idx.dtype == torch.int64
     # reference computed from the bf16 values upcast to fp32, not from a bf16 matmul
-    assert_same_routing((w, idx), ref_topk_gate(x, gate.weight.detach(), gate.bias, cfg))
+    assert_same_routing((w, idx), ref_topk_gate(x, gate.weight.detach(), gate.expert_bias, cfg))
     w.sum().backward()
     assert gate.weight.grad is not None and gate.weight.grad.dtype == torch.bfloat16
 
 
 def test_bias_stays_fp32_after_module_to_bf16():
-    """DESIGN: `gate.bias` is an fp32 buffer. `model.to(torch.bfloat16)` is the usual way to run a model in
+    """DESIGN: `gate.expert_bias` is an fp32 buffer. `model.to(torch.bfloat16)` is the usual way to run a model in
     bf16; a bf16 bias cannot take the 1e-3 update steps (bf16 spacing near 0.5 is 2**-8)."""
     cfg = make_cfg(num_experts=4, top_k=1, score_func="sigmoid", expert_bias=True, bias_update_rate=1e-3)
     gate = make_topk_gate(cfg, 0).to(torch.bfloat16)
-    assert gate.bias.dtype == torch.float32
+    assert gate.expert_bias.dtype == torch.float32
     with torch.no_grad():
-        gate.bias.fill_(0.5)
+        gate.expert_bias.fill_(0.5)
         gate.expert_counts.copy_(torch.tensor([9.0, 1.0, 5.0, 5.0]))
     moe_kit.update_expert_bias(gate)
-    torch.testing.assert_close(gate.bias.float(), torch.tensor([0.499, 0.501, 0.5, 0.5]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(gate.expert_bias.float(), torch.tensor([0.499, 0.501, 0.5, 0.5]), rtol=0, atol=1e-6)
 
 
 def test_counts_stay_exact_after_module_to_bf16():
@@ -461,17 +461,50 @@ def test_topk_gate_state_dict_round_trip():
     gate(torch.randn(20, cfg.hidden_size))  # non-zero counts, which must not be saved
     assert gate.expert_counts.sum() == 20 * cfg.top_k
     sd = gate.state_dict()
-    assert set(sd) == {"weight", "bias"}
-    assert sd["bias"].dtype == torch.float32
+    assert set(sd) == {"weight", "expert_bias"}
+    assert sd["expert_bias"].dtype == torch.float32
     fresh = TopKGate(cfg)
     fresh.load_state_dict(sd)
-    assert torch.equal(fresh.bias, gate.bias) and torch.equal(fresh.weight, gate.weight)
+    assert torch.equal(fresh.expert_bias, gate.expert_bias) and torch.equal(fresh.weight, gate.weight)
     assert torch.equal(fresh.expert_counts, torch.zeros(cfg.num_experts))
     x = torch.randn(30, cfg.hidden_size)
     gate.eval()
     fresh.eval()
     assert_same_routing(fresh(x), gate(x), atol=0, rtol=0)
-    assert_same_routing(fresh(x), ref_topk_gate(x, gate.weight.detach(), gate.bias, cfg))
+    assert_same_routing(fresh(x), ref_topk_gate(x, gate.weight.detach(), gate.expert_bias, cfg))
+
+
+def test_state_dict_from_before_the_rename_loads_the_expert_bias():
+    """State dicts written when the noaux_tc buffer was called `gate.bias` still load into
+    `gate.expert_bias` (and never into the router's own linear bias)."""
+    cfg = make_cfg(score_func="sigmoid", expert_bias=True)
+    gate = make_topk_gate(cfg, 12)
+    with torch.no_grad():
+        gate.expert_bias.copy_(torch.linspace(-0.3, 0.3, cfg.num_experts))
+    old_format = {"weight": gate.weight.detach().clone(), "bias": gate.expert_bias.clone()}
+    fresh = TopKGate(cfg)
+    fresh.load_state_dict(old_format)
+    assert fresh.bias is None
+    assert torch.equal(fresh.expert_bias, gate.expert_bias)
+
+
+def test_router_bias_is_a_trained_linear_bias():
+    """router_bias=True: gate.bias [E] enters the logits (x W^T + b) and gets a gradient."""
+    cfg = make_cfg(router_bias=True)
+    gate = make_topk_gate(cfg, 13)
+    with torch.no_grad():
+        gate.bias.copy_(torch.linspace(-1.0, 1.0, cfg.num_experts))
+    assert set(gate.state_dict()) == {"weight", "bias"}
+    x = torch.randn(25, cfg.hidden_size)
+    weights, indices = gate(x)
+    logits = x @ gate.weight.detach().T + gate.bias.detach()
+    ref_w, ref_i = logits.softmax(-1).topk(cfg.top_k, dim=-1)
+    if cfg.norm_topk_prob:
+        ref_w = ref_w / ref_w.sum(-1, keepdim=True)
+    torch.testing.assert_close(weights, ref_w)
+    assert torch.equal(indices, ref_i)
+    weights.sum().backward()
+    assert gate.bias.grad is not None and gate.bias.grad.abs().sum() > 0
 
 
 def test_topk_gate_without_bias_state_dict():

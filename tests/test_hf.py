@@ -248,14 +248,14 @@ def test_convert_routing_semantics():
     cfg = v3.model.layers[1].mlp.cfg
     assert (cfg.score_func, cfg.n_groups, cfg.topk_groups, cfg.route_scale, cfg.expert_bias) == (
         "sigmoid", 4, 2, 2.5, True)
-    assert torch.equal(v3.model.layers[1].mlp.gate.bias, bias)
+    assert torch.equal(v3.model.layers[1].mlp.gate.expert_bias, bias)
 
     v4 = build("deepseek_v4")
     table = v4.model.layers[0].mlp.gate.tid2eid.clone()
     hf.convert(v4)
     hashed, scored = v4.model.layers[0].mlp, v4.model.layers[1].mlp
     assert isinstance(hashed.gate, HashGate) and torch.equal(hashed.gate.tid2eid, table)
-    assert isinstance(scored.gate, TopKGate) and scored.gate.bias is not None
+    assert isinstance(scored.gate, TopKGate) and scored.gate.expert_bias is not None
     assert scored.cfg.score_func == "sqrtsoftplus" and scored.cfg.swiglu_limit == pytest.approx(0.8)
     with pytest.raises(ValueError, match="input_ids"):
         v4(inputs_embeds=torch.randn(1, 4, 32))  # hash layers need token ids, as in transformers
@@ -266,13 +266,13 @@ def test_convert_expert_bias_update_reaches_the_checkpoint():
     model = build("deepseek_v3")
     hf.convert(model, aux_loss_coef=1e-2)
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    before = model.model.layers[1].mlp.gate.bias.clone()
+    before = model.model.layers[1].mlp.gate.expert_bias.clone()
     for seed in range(3):
         model(ids_for(seed), labels=ids_for(seed)).loss.backward()
         opt.step()
         opt.zero_grad()
         moe_kit.update_expert_bias(model)
-    after = model.model.layers[1].mlp.gate.bias.clone()
+    after = model.model.layers[1].mlp.gate.expert_bias.clone()
     assert not torch.equal(after, before)
     assert moe_kit.routing_stats(model)["model.layers.1.mlp"].aux_loss > 0
     hf.convert_back(model)
@@ -282,7 +282,7 @@ def test_convert_expert_bias_update_reaches_the_checkpoint():
 def test_convert_back_warns_when_the_family_has_no_bias():
     model = build("qwen3_moe")
     hf.convert(model, expert_bias=True)
-    model.model.layers[0].mlp.gate.bias.fill_(0.1)
+    model.model.layers[0].mlp.gate.expert_bias.fill_(0.1)
     with pytest.warns(UserWarning, match="no expert bias"):
         hf.convert_back(model)
     with warnings.catch_warnings():

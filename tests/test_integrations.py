@@ -190,7 +190,7 @@ def test_upcycle_fine_grained_split():
 def test_upcycle_keeps_device_dtype_and_expert_module():
     dense = Expert(D, FF).to(torch.bfloat16)
     layer = moe_kit.upcycle(dense, cfg_for(expert_bias=True))
-    assert layer.experts.gate_up_proj.dtype == torch.bfloat16 and layer.gate.bias.dtype == torch.float32
+    assert layer.experts.gate_up_proj.dtype == torch.bfloat16 and layer.gate.expert_bias.dtype == torch.float32
     x = torch.randn(4, D, dtype=torch.bfloat16)
     assert rel_err(layer(x), dense(x)) < 2e-2
 

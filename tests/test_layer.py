@@ -50,12 +50,14 @@ def ref_route(layer, x_flat, input_ids=None, batch_shape=None):
     cfg = layer.cfg
     rd = cfg.router_dtype
     logits = x_flat.to(rd) @ layer.gate.weight.to(rd).T  # [N, E]
+    if layer.gate.bias is not None:  # router_bias: the router linear's own bias
+        logits = logits + layer.gate.bias.to(rd)
     s = ref_scores(logits, cfg.score_func)
     if cfg.uses_hash_gate(layer.layer_id):
         idx = layer.gate.tid2eid[input_ids.reshape(-1)]
     else:
         c = s.detach()
-        bias = getattr(layer.gate, "bias", None)
+        bias = getattr(layer.gate, "expert_bias", None)
         if bias is not None:
             c = c + bias.to(c.dtype)
         n, e = c.shape
@@ -77,12 +79,13 @@ def ref_route(layer, x_flat, input_ids=None, batch_shape=None):
         e = cfg.num_experts
         if cfg.aux_loss_coef > 0:
             p = s / s.sum(dim=-1, keepdim=True)
+            plain = s.detach().argsort(dim=-1, descending=True)[:, : cfg.top_k]  # f: unbiased top-k, all experts
             if cfg.aux_loss_type == "sequence":
                 b, sq = batch_shape
                 p = p.view(b, sq, e)
-                ids = idx.reshape(b, sq * cfg.top_k)
+                ids = plain.reshape(b, sq * cfg.top_k)
             else:
-                p, ids = p.unsqueeze(0), idx.reshape(1, -1)
+                p, ids = p.unsqueeze(0), plain.reshape(1, -1)
             f = torch.stack([torch.bincount(row, minlength=e).to(p.dtype) / row.numel() for row in ids])
             aux = cfg.aux_loss_coef * e * (f * p.mean(dim=1)).sum(-1).mean()
         if cfg.z_loss_coef > 0:
@@ -147,9 +150,9 @@ def grads_of(out, params, cot, extra=0):
 def build(cfg, layer_id=0, dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     layer = MoELayer(cfg, layer_id).to(dtype)
-    if layer.gate.bias is not None:  # a non-trivial expert bias so it really steers selection
+    if layer.gate.expert_bias is not None:  # a non-trivial expert bias so it really steers selection
         with torch.no_grad():
-            layer.gate.bias.copy_(0.05 * torch.randn(cfg.num_experts))
+            layer.gate.expert_bias.copy_(0.05 * torch.randn(cfg.num_experts))
     return layer
 
 
@@ -192,10 +195,10 @@ def check_layer(layer, x, input_ids=None, tol=None):
         else:
             assert isinstance(value, float)
             assert value == pytest.approx(float(ref_value.detach()), rel=1e-5)
-    if layer.gate.bias is None:
+    if layer.gate.expert_bias is None:
         assert stats.bias is None
     else:
-        assert torch.equal(stats.bias, layer.gate.bias.cpu())
+        assert torch.equal(stats.bias, layer.gate.expert_bias.cpu())
     return out
 
 
@@ -328,12 +331,12 @@ def test_fp32_layer_other_input_dtype(dtype, shared):
 
 
 def test_expert_bias_stays_fp32_in_bf16_model():
-    """DESIGN: gate.bias is an fp32 buffer; a bf16 model must not round the bias to bf16
+    """DESIGN: gate.expert_bias is an fp32 buffer; a bf16 model must not round the bias to bf16
     (1e-3 updates vanish next to a bias of ~1 in bf16)."""
     cfg = MoEConfig(hidden_size=D, intermediate_size=INTER, num_experts=4, top_k=2, expert_bias=True)
     layer = MoELayer(cfg).to(torch.bfloat16)
     layer(torch.randn(3, D, dtype=torch.bfloat16))
-    assert layer.gate.bias.dtype == torch.float32
+    assert layer.gate.expert_bias.dtype == torch.float32
     assert layer.gate.expert_counts.dtype == torch.float32  # bf16 counts stop at 256 exact integers
     assert layer.stats.bias.dtype == torch.float32
 
@@ -405,7 +408,7 @@ def test_stats_bias_is_a_snapshot():
     layer(torch.randn(5, D))
     before = layer.stats.bias.clone()
     with torch.no_grad():
-        layer.gate.bias.add_(1.0)
+        layer.gate.expert_bias.add_(1.0)
     assert torch.equal(layer.stats.bias, before)
 
 
@@ -593,8 +596,8 @@ def test_state_dict_round_trip(name):
         with torch.no_grad():
             src.gate.tid2eid.copy_(src.gate.tid2eid.roll(1, dims=0).flip(1))
     state = src.state_dict()
-    if src.gate.bias is not None:
-        assert "gate.bias" in state
+    if src.gate.expert_bias is not None:
+        assert "gate.expert_bias" in state
     if cfg.routes_by_hash:
         assert "gate.tid2eid" in state
     dst = build(cfg, seed=2)
@@ -605,8 +608,8 @@ def test_state_dict_round_trip(name):
     dst.load_state_dict(state)
     assert torch.equal(run(dst), run(src))
     assert torch.equal(dst.stats.load, src.stats.load)
-    if src.gate.bias is not None:
-        assert torch.equal(dst.gate.bias, src.gate.bias)
+    if src.gate.expert_bias is not None:
+        assert torch.equal(dst.gate.expert_bias, src.gate.expert_bias)
 
 
 # ----------------------------------------------------------------------------- presets

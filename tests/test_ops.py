@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moe_kit.ops import moe_ffn, routing_plan, torch_ops
@@ -42,7 +42,15 @@ def assert_close(a, b, tol, what="", floor=1.0):
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
 
 
-def ref_moe_ffn(x, weights, indices, gate_up, down, limit=None):
+REF_ACT = {
+    "silu": lambda g: g * torch.sigmoid(g),
+    "gelu": lambda g: 0.5 * g * (1 + torch.erf(g / math.sqrt(2))),
+    "gelu_tanh": lambda g: 0.5 * g * (1 + torch.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g**3))),
+    "relu": lambda g: g.clamp(min=0),
+}
+
+
+def ref_moe_ffn(x, weights, indices, gate_up, down, limit=None, activation="silu"):
     """Dense reference: every expert on every token, then select with a dense [N, E] weight matrix.
 
     Ids equal to E (dropped slots) land in an extra column that is thrown away.
@@ -54,7 +62,7 @@ def ref_moe_ffn(x, weights, indices, gate_up, down, limit=None):
     if limit is not None:
         gate = gate.clamp(max=limit)
         up = up.clamp(-limit, limit)
-    act = gate * torch.sigmoid(gate) * up  # silu(gate) * up
+    act = REF_ACT[activation](gate) * up  # silu: silu(gate) * up
     y = torch.einsum("nei,edi->ned", act, down)  # [N, E, D]
     dense = torch.zeros(x.shape[0], num_experts + 1, dtype=x.dtype)
     dense = dense.scatter_add(1, indices.long(), weights.to(x.dtype))[:, :num_experts]
@@ -118,6 +126,13 @@ def check_against_reference(n, e, k, d, i, dtype, mode, limit, backend, seed=0, 
         assert_close(g, r, TOL[dtype], f"{backend} {name} vs dense reference")
         assert_close(g, lp, TOL[dtype], f"{backend} {name} vs loop backend")
     return got
+
+
+@pytest.fixture(autouse=True)
+def sorted_path(monkeypatch):
+    """Tiny cases here would take the decode path (N*k <= SMALL_ROWS); the tests of this module run
+    the sorted path unless they ask for the decode path (small=True, see the decode-path section)."""
+    monkeypatch.setattr(torch_ops, "SMALL_ROWS", 0)
 
 
 @pytest.fixture
@@ -418,6 +433,168 @@ def test_moe_ffn_torch_has_dropped_equals_loop(n, e, k, d, i, dtype, drop, deter
         assert_close(g, r, TOL[dtype], f"{name} vs reference")
     if n:  # dropped slots get no routing-weight gradient
         assert bool((got[2][indices == e] == 0).all())
+
+
+# ----------------------------------------------------------------------------- memory discipline
+
+
+def test_moe_ffn_torch_saves_no_gathered_rows():
+    """The torch backend keeps h [S, 2I] (and x, the weights) between forward and backward, never x[token]
+    [S, D] or the activation [S, I]; recompute="gemm1" keeps no [S, .] tensor at all."""
+    n, e, k, d, i = 40, 4, 2, 24, 8
+    x, weights, indices, gate_up, down, _ = make_case(n, e, k, d, i, F32, seed=3)
+    leaves = [t.requires_grad_(True) for t in (x, weights, gate_up, down)]
+    for recompute, expected in (("act", [(n * k, 2 * i)]), ("gemm1", [])):
+        shapes = []
+
+        def pack(t):
+            shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = moe_ffn_torch(leaves[0], leaves[1], indices, leaves[2], leaves[3], recompute=recompute)
+        row_shaped = [s for s in shapes if len(s) == 2 and s[0] == n * k]
+        assert row_shaped == expected, (recompute, shapes)
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("recompute", ["act", "gemm1"])
+@pytest.mark.parametrize("d, i, limit", [pytest.param(16, 8, None, id="grouped"),
+                                          pytest.param(33, 17, 1.0, id="fallback-limit")])
+def test_moe_ffn_torch_recompute_and_column_chunks(recompute, d, i, limit, monkeypatch):
+    """The backward's column-chunked dX and d_gate_up (forced with a tiny CHUNK_BYTES) and the
+    recompute="gemm1" mode equal the loop reference in the output and every gradient."""
+    monkeypatch.setattr(torch_ops, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(torch_ops, "CHUNK_MIN_COLUMNS", 4)
+    assert len(torch_ops._column_chunks(40, d, 4)) > 1
+    x, weights, indices, gate_up, down, cot = make_case(20, 5, 2, d, i, F32, seed=4, scale=3.0)
+    got = value_and_grads(lambda *a: moe_ffn_torch(a[0], a[1], indices, a[2], a[3], limit, recompute=recompute),
+                          x, weights, gate_up, down, cot)
+    loop = value_and_grads(lambda *a: moe_ffn_loop(a[0], a[1], indices, a[2], a[3], limit), x, weights, gate_up,
+                           down, cot)
+    for name, g, lp in zip(NAMES, got, loop, strict=True):
+        assert_close(g, lp, 1e-5, f"{recompute} {name} vs loop")
+
+
+# ----------------------------------------------------------------------------- decode path (small N*k)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n=st.integers(1, 8),
+    e=st.integers(1, 9),
+    d=st.sampled_from([4, 8, 5, 16]),
+    i=st.sampled_from([4, 3, 8]),
+    dtype=st.sampled_from([F32, F64]),
+    mode=st.sampled_from(["random", "subset", "one", "dup"]),
+    limit=st.sampled_from([None, 1.0]),
+    activation=st.sampled_from(["silu", "gelu", "gelu_tanh", "relu"]),
+    drop=st.sampled_from([0.0, 0.4, 1.0]),
+    data=st.data(),
+)
+def test_decode_path_matches_loop_hypothesis(n, e, d, i, dtype, mode, limit, activation, drop, data):
+    """small_ffn (gathered expert weights, no plan) equals the loop reference in the output and all
+    gradients, with dropped slots (id E), clamps and every activation; moe_ffn takes it when N*k is small."""
+    k = data.draw(st.integers(1, e), label="k")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    x, weights, indices, gate_up, down, cot = make_case(n, e, k, d, i, dtype, mode, seed, 3.0 if limit else 1.0)
+    gen = torch.Generator().manual_seed(seed)
+    indices = torch.where(torch.rand(indices.shape, generator=gen) < drop, torch.full_like(indices, e), indices)
+    got = value_and_grads(
+        lambda *a: moe_ffn_torch(a[0], a[1], indices, a[2], a[3], limit, has_dropped=True, small=True,
+                                 activation=activation), x, weights, gate_up, down, cot)
+    loop = value_and_grads(lambda *a: moe_ffn_loop(a[0], a[1], indices, a[2], a[3], limit, activation), x, weights,
+                           gate_up, down, cot)
+    for name, g, lp in zip(NAMES, got, loop, strict=True):
+        assert g.dtype == dtype, name
+        assert_close(g, lp, TOL[dtype], f"decode {name} vs loop")
+
+
+def test_moe_ffn_takes_decode_path_for_small_batches(monkeypatch, gemm_paths):
+    monkeypatch.setattr(torch_ops, "SMALL_ROWS", 32)
+    x, weights, indices, gate_up, down, cot = make_case(4, 6, 2, 16, 8, F32, seed=9)
+    got = value_and_grads(lambda *a: moe_ffn(a[0], a[1], indices, a[2], a[3], "torch"), x, weights, gate_up, down, cot)
+    assert not gemm_paths, "N*k = 8 must not build a routing plan"
+    ref = value_and_grads(lambda *a: ref_moe_ffn(a[0], a[1], indices, a[2], a[3]), x, weights, gate_up, down, cot)
+    for name, g, r in zip(NAMES, got, ref, strict=True):
+        assert_close(g, r, 1e-5, f"{name} vs reference")
+    moe_ffn(*make_case(17, 6, 2, 16, 8, F32, seed=9)[:2], make_case(17, 6, 2, 16, 8, F32, seed=9)[2],
+            gate_up, down, "torch")
+    assert gemm_paths, "N*k = 34 > SMALL_ROWS takes the sorted path"
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("limit", [None, 1.0], ids=["no-limit", "limit"])
+def test_moe_ffn_activations(activation, backend, limit):
+    x, weights, indices, gate_up, down, cot = make_case(13, 5, 2, 16, 8, F32, seed=6, scale=3.0)
+    got = value_and_grads(
+        lambda *a: moe_ffn(a[0], a[1], indices, a[2], a[3], backend, swiglu_limit=limit, activation=activation),
+        x, weights, gate_up, down, cot)
+    wide = [t.double() for t in (x, weights, gate_up, down, cot)]
+    ref = value_and_grads(lambda *a: ref_moe_ffn(a[0], a[1], indices, a[2], a[3], limit, activation), *wide)
+    for name, g, r in zip(NAMES, got, ref, strict=True):
+        assert_close(g, r, 1e-5, f"{backend} {activation} {name} vs dense reference")
+
+
+def test_moe_ffn_unknown_activation():
+    with pytest.raises(ValueError, match="activation"):
+        moe_ffn(*_good().values(), activation="swish")
+
+
+# ----------------------------------------------------------------------------- torch.compile, autocast
+
+
+def test_moe_ffn_compiles_fullgraph_dynamic():
+    """torch.compile(fullgraph=True, dynamic=True): no graph break (fullgraph raises on one), forward and
+    backward equal to eager, two token counts; the decode path is not taken while compiling."""
+    def fn(x, weights, indices, gate_up, down):
+        return moe_ffn(x, weights, indices, gate_up, down, "torch", swiglu_limit=2.0)
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    for n, seed in ((9, 1), (23, 2)):
+        x, weights, indices, gate_up, down, cot = make_case(n, 6, 2, 16, 8, F32, seed=seed, scale=2.0)
+        got = value_and_grads(lambda *a: compiled(a[0], a[1], indices, a[2], a[3]), x, weights, gate_up, down, cot)
+        eager = value_and_grads(lambda *a: fn(a[0], a[1], indices, a[2], a[3]), x, weights, gate_up, down, cot)
+        for name, g, r in zip(NAMES, got, eager, strict=True):
+            assert_close(g, r, 1e-6, f"compiled {name} (N={n}) vs eager")
+
+
+@pytest.mark.parametrize("d, i, dtype", [pytest.param(9, 5, F32, id="padded-fp32"), pytest.param(8, 4, F64, id="fp64")])
+def test_dispatch_compiles_with_drops(d, i, dtype):
+    """dispatch with dropped slots (id E) and the padded-bmm path trace with no graph break (aot_eager)."""
+    from moe_kit.ops import dispatch
+
+    def fn(x, weights, indices, gate_up, down):
+        return dispatch(x, weights, indices, gate_up, down, "torch", has_dropped=True)
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    for n in (11, 19):
+        x, weights, indices, gate_up, down, cot = make_case(n, 5, 2, d, i, dtype, seed=n)
+        indices[::3, 0] = 5  # dropped
+        got = value_and_grads(lambda *a: compiled(a[0], a[1], indices, a[2], a[3]), x, weights, gate_up, down, cot)
+        loop = value_and_grads(lambda *a: moe_ffn_loop(a[0], a[1], indices, a[2], a[3]), x, weights, gate_up, down,
+                               cot)
+        for name, g, r in zip(NAMES, got, loop, strict=True):
+            assert_close(g, r, TOL[dtype], f"compiled {name} (N={n}) vs loop")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moe_ffn_under_autocast(backend):
+    """torch.autocast(bf16) on CPU: no dtype error (the loop backend's index_add used to fail), the
+    output keeps x's dtype and stays within bf16 rounding of the fp32 result."""
+    x, weights, indices, gate_up, down, _ = make_case(12, 4, 2, 16, 8, F32, seed=8)
+    ref = ref_moe_ffn(x, weights, indices, gate_up, down)
+    leaves = [t.clone().requires_grad_(True) for t in (x, weights, gate_up, down)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moe_ffn(leaves[0], leaves[1], indices, leaves[2], leaves[3], backend)
+    assert out.dtype == F32
+    assert rel_err(out, ref) < 3e-2
+    out.sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == F32 for t in leaves)
 
 
 # ----------------------------------------------------------------------------- swiglu_limit

@@ -1,20 +1,84 @@
-"""SwiGLU, the expert activation: silu(gate) * up, with DeepSeek-V4's optional clamp."""
+"""The gated activation of every expert: act(gate) * up, with DeepSeek-V4's optional clamp.
+
+SwiGLU is act = silu. `activation` names: "silu" (default), "gelu" (erf), "gelu_tanh", "relu".
+With `limit`, gate is clamped to <= limit and up to [-limit, limit] before the activation (the
+clamp passes the gradient only inside its bounds, limits included, as torch.clamp does).
+Legend: R rows, I expert hidden width; h [R, 2I] is the gate half then the up half (HF layout).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
-def swiglu_parts(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
-    """silu(gate) * up; with `limit`, gate is clamped to <= limit and up to [-limit, limit] first."""
+
+def check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose from {list(ACTIVATIONS)}")
+
+
+def act_fn(x: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """The plain activation of the gate half (a new tensor)."""
+    if activation == "silu":
+        return F.silu(x)
+    if activation == "gelu":
+        return F.gelu(x)
+    if activation == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if activation == "relu":
+        return F.relu(x)
+    check_activation(activation)
+    raise AssertionError(activation)
+
+
+def _clamped(gate: torch.Tensor, up: torch.Tensor, limit: float | None):
     if limit is not None:
         gate = gate.clamp(max=limit)
         up = up.clamp(min=-limit, max=limit)
-    return F.silu(gate) * up
+    return gate, up
 
 
-def swiglu(h: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+def swiglu_parts(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None,
+                 activation: str = "silu") -> torch.Tensor:
+    """act(gate) * up (silu: SwiGLU), clamped first with `limit`; differentiable by torch autograd."""
+    gate, up = _clamped(gate, up, limit)
+    return act_fn(gate, activation) * up
+
+
+def swiglu(h: torch.Tensor, limit: float | None = None, activation: str = "silu") -> torch.Tensor:
     """[..., 2I] (gate half, then up half, the HF gate_up_proj layout) -> [..., I]."""
     gate, up = h.chunk(2, dim=-1)
-    return swiglu_parts(gate, up, limit)
+    return swiglu_parts(gate, up, limit, activation)
+
+
+def gated_act(h: torch.Tensor, activation: str = "silu", limit: float | None = None) -> torch.Tensor:
+    """swiglu(h) for fused backends: one new [R, I] tensor, no autograd graph needed."""
+    gate, up = _clamped(*h.chunk(2, dim=-1), limit)
+    return act_fn(gate, activation).mul_(up)
+
+
+def gated_act_backward(grad_act: torch.Tensor, h: torch.Tensor, activation: str = "silu",
+                       limit: float | None = None) -> torch.Tensor:
+    """d(act(gate) * up)/d[gate, up] with the optional clamp; grad_act [R, I], h [R, 2I] -> [R, 2I]."""
+    raw_gate, raw_up = h.chunk(2, dim=-1)
+    gate, up = _clamped(raw_gate, raw_up, limit)
+    grad_h = torch.empty_like(h)
+    grad_gate, grad_up = grad_h.chunk(2, dim=-1)
+    torch.mul(grad_act, up, out=grad_gate)
+    if activation == "silu":
+        torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
+        torch.ops.aten.silu.out(gate, out=grad_up)
+    else:
+        if activation == "relu":
+            grad_gate.masked_fill_(gate <= 0, 0)
+        else:
+            approximate = "tanh" if activation == "gelu_tanh" else "none"
+            grad_gate.copy_(torch.ops.aten.gelu_backward(grad_gate, gate, approximate=approximate))
+        grad_up.copy_(act_fn(gate, activation))
+    grad_up.mul_(grad_act)
+    if limit is not None:
+        grad_gate.masked_fill_(raw_gate > limit, 0)
+        grad_up.masked_fill_(raw_up.abs() > limit, 0)
+    return grad_h

@@ -21,65 +21,62 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from moe_kit.balancing import normalized_scores, sequence_aux_losses
 from moe_kit.config import MoEConfig
 
 
-def group_balancing_losses(cfg: MoEConfig, scores, indices, logits, batch_shape, group):
-    """scores/logits [N_r, E] (router dtype), indices [N_r, k], batch_shape (B_r, S) or (N_r,).
+def group_balancing_losses(cfg: MoEConfig, scores, indices, logits, batch_shape, group, token_mask=None):
+    """scores/logits [N_r, E] (router dtype), indices [N_r, k] (the plain top-k of the scores),
+    batch_shape (B_r, S) or (N_r,), token_mask bool [N_r] or None (False = padding, left out).
 
     Returns (aux value, z value, this rank's loss term), each times its coefficient: the values are
     detached group-wide tensors (None when off), the term is None when both losses are off.
+    cfg.aux_losses may hold "global" and "sequence" (summed, each times its coefficient).
     """
-    want_aux, want_z = cfg.aux_loss_coef > 0, cfg.z_loss_coef > 0
-    if not (want_aux or want_z):
+    kinds = dict(cfg.aux_losses)  # {aux_loss_type: coef}
+    if "global_batch" in kinds:
+        raise ValueError("aux_loss_type 'global_batch' is not supported with ep_group yet; use 'global'")
+    want_z = cfg.z_loss_coef > 0
+    if not (kinds or want_z):
         return None, None, None
-    num_experts, num_tokens = cfg.num_experts, scores.shape[0]
+    num_experts = cfg.num_experts
+    real = torch.ones_like(scores[:, 0]) if token_mask is None else token_mask.to(scores.dtype)  # [N_r]
     pieces, terms = {}, {}  # pieces: detached local sums to all-reduce; terms: local numerators (grad)
-    pieces["tokens"] = scores.new_full((1,), num_tokens)
-    if want_aux and cfg.aux_loss_type == "sequence":
-        terms["aux"] = _sequence_losses(scores, indices, num_experts, batch_shape).sum()
-        pieces["aux"] = terms["aux"].detach().reshape(1)
-        pieces["sequences"] = scores.new_full((1,), batch_shape[0])
-    elif want_aux:
-        probs = scores / scores.sum(dim=-1, keepdim=True)  # [N_r, E]
+    pieces["tokens"] = real.sum().detach().reshape(1)
+    if "sequence" in kinds:
+        losses, counted = sequence_aux_losses(scores, indices, num_experts, batch_shape, token_mask)
+        terms["sequence"] = losses.sum()
+        pieces["sequence"] = terms["sequence"].detach().reshape(1)
+        pieces["sequences"] = counted.sum().reshape(1)
+    if "global" in kinds:
+        probs = normalized_scores(scores) * real.unsqueeze(1)  # [N_r, E]
         terms["probs"] = probs.sum(dim=0)  # [E]
         pieces["probs"] = terms["probs"].detach()
-        pieces["slots"] = torch.zeros_like(pieces["probs"]).scatter_add_(
-            0, indices.reshape(-1), torch.ones_like(indices.reshape(-1), dtype=scores.dtype)
-        )
+        weight = real.unsqueeze(1).expand(indices.shape).reshape(-1)
+        pieces["slots"] = torch.zeros_like(pieces["probs"]).scatter_add_(0, indices.reshape(-1), weight)
     if want_z:
-        terms["z"] = torch.logsumexp(logits, dim=-1).square().sum()
+        terms["z"] = (torch.logsumexp(logits, dim=-1).square() * real).sum()
         pieces["z"] = terms["z"].detach().reshape(1)
     total = _all_reduce_pieces(pieces, group)  # {name: group-wide sum}
 
     tokens = total["tokens"].clamp_min(1)
     aux_value = z_value = term = None
-    if want_aux and cfg.aux_loss_type == "sequence":
+    values, parts = [], []
+    if "sequence" in kinds:
         sequences = total["sequences"].clamp_min(1)
-        aux_value = cfg.aux_loss_coef * total["aux"] / sequences
-        term = cfg.aux_loss_coef * terms["aux"] / sequences
-    elif want_aux:
+        values.append(kinds["sequence"] * total["sequence"] / sequences)
+        parts.append(kinds["sequence"] * terms["sequence"] / sequences)
+    if "global" in kinds:
         share = total["slots"] / (tokens * cfg.top_k)  # f [E]
-        aux_value = cfg.aux_loss_coef * num_experts * (share * total["probs"]).sum() / tokens
-        term = cfg.aux_loss_coef * num_experts * (share * terms["probs"]).sum() / tokens
+        values.append(kinds["global"] * num_experts * (share * total["probs"]).sum() / tokens)
+        parts.append(kinds["global"] * num_experts * (share * terms["probs"]).sum() / tokens)
+    if values:
+        aux_value, term = sum(values[1:], values[0]), sum(parts[1:], parts[0])
     if want_z:
         z_value = cfg.z_loss_coef * total["z"] / tokens
         z_term = cfg.z_loss_coef * terms["z"] / tokens
         term = z_term if term is None else term + z_term
     return tuple(None if t is None else t.reshape(()) for t in (aux_value, z_value, term))
-
-
-def _sequence_losses(scores, indices, num_experts: int, batch_shape) -> torch.Tensor:
-    """[B_r] per-sequence Switch losses E * sum_i f_{b,i} P_{b,i} (moe_kit.balancing, unaveraged)."""
-    batch, seq = batch_shape
-    if seq == 0:  # sequences without tokens balance nothing
-        return scores.new_zeros(batch)
-    probs = (scores / scores.sum(dim=-1, keepdim=True)).view(batch, seq, num_experts)
-    ids = indices.reshape(batch, seq * indices.shape[-1])
-    slots = torch.zeros(batch, num_experts, dtype=probs.dtype, device=probs.device)
-    slots.scatter_add_(1, ids, torch.ones_like(ids, dtype=probs.dtype))
-    share = slots / max(ids.shape[1], 1)  # f [B_r, E]
-    return num_experts * (share * probs.mean(dim=1)).sum(dim=-1)
 
 
 @torch.no_grad()

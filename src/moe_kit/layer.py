@@ -1,6 +1,10 @@
 """MoELayer: gate + dispatch + routed experts + shared experts, a drop-in for a transformer FFN.
 
 Legend: N tokens (all leading dims of x flattened), D model width, E experts, k experts per token.
+
+Compute dtype: x's dtype, or autocast's inside torch.autocast (the experts then run in bf16/fp16
+like any nn.Linear would, and the output has that dtype); the router always runs in
+cfg.router_dtype outside autocast.
 """
 
 from __future__ import annotations
@@ -9,22 +13,28 @@ import torch
 from torch import nn
 
 from moe_kit.config import MoEConfig
-from moe_kit.ep import ep_moe_ffn, local_experts
+from moe_kit.ep import check_same_config, ep_moe_ffn, local_experts
 from moe_kit.experts import GroupedExperts, SharedExpert
-from moe_kit.gates import HashGate, TopKGate
+from moe_kit.gates import ExpertChoiceGate, HashGate, SinkhornGate, TopKGate
+from moe_kit.gates.router import autocast_off, flat_token_mask
 from moe_kit.ops import check_backend, dispatch
-from moe_kit.ops.capacity import drop_overflow
+from moe_kit.ops.capacity import expert_capacity, over_capacity
 from moe_kit.stats import RoutingStats
 
 
 class MoELayer(nn.Module):
-    """forward(x [..., D], input_ids int [...] = None) -> [..., D] in x's dtype.
+    """forward(x [..., D], input_ids int [...] = None, token_mask bool [...] = None) -> [..., D].
 
     The gate is a HashGate when cfg.hash_routing or layer_id < cfg.n_hash_layers (it then needs
-    input_ids), a TopKGate otherwise. After each forward, `stats` is a RoutingStats.
+    input_ids), else the gate of cfg.routing: TopKGate, ExpertChoiceGate or SinkhornGate. `token_mask` (True / 1 = real token, x's leading shape) leaves
+    padding out of the expert-bias counts, balancing losses and stats, and gives padded tokens no
+    routed expert (their routed output is 0; shared experts still run on them): the real tokens'
+    outputs equal a forward of the real tokens alone. After each forward, `stats` is a RoutingStats.
     With `ep_group` (a torch.distributed group of W ranks), this rank holds experts
     r*E/W .. (r+1)*E/W - 1 and tokens travel to their experts by all-to-all (moe_kit.ep); the gate and
-    shared experts are replicated, and stats/balancing losses are the group's.
+    shared experts are replicated, and stats/balancing losses are the group's. Every rank of the
+    group must build the layer from the same config (checked once here).
+    The layer keeps a frozen copy of cfg: editing the caller's config later changes nothing here.
     """
 
     def __init__(self, cfg: MoEConfig, layer_id: int = 0, ep_group=None):
@@ -32,10 +42,15 @@ class MoELayer(nn.Module):
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
         check_backend(cfg.backend)  # fail at build time on a backend we lack; the device is checked at forward
+        cfg = cfg.frozen_copy()
         self.cfg = cfg
         self.layer_id = layer_id
-        self.gate = HashGate(cfg) if cfg.uses_hash_gate(layer_id) else TopKGate(cfg)
         self.ep_group = ep_group  # expert-parallel process group; None: every expert lives here
+        if ep_group is not None:
+            check_same_config(dict(cfg.to_dict(), layer_id=layer_id), ep_group)
+            if any(kind == "global_batch" for kind, _ in cfg.aux_losses):
+                raise ValueError("aux_loss_type 'global_batch' is not supported with ep_group yet; use 'global'")
+        self.gate = make_gate(cfg, layer_id)
         if ep_group is None:
             self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size)
         else:
@@ -47,69 +62,112 @@ class MoELayer(nn.Module):
                 cfg.hidden_size, cfg.shared_intermediate_size, cfg.shared_expert_gate, cfg.swiglu_limit
             )
         self._last: dict | None = None  # detached tensors of the last forward, read by `stats`
+        self.routing_hook = None  # moe_kit.record_routing / replay_routing: stands in for self.route
 
-    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def reset_parameters(self) -> None:
+        """Initialize every parameter and buffer (router, expert bias and counts, hash table,
+        experts, shared experts): what a layer built on the meta device needs after to_empty()."""
+        self.gate.reset_parameters()
+        self.experts.reset_parameters()
+        if self.shared_experts is not None:
+            for module in self.shared_experts.modules():
+                if isinstance(module, nn.Linear):
+                    module.reset_parameters()
+
+    def forward(
+        self, x: torch.Tensor, input_ids: torch.Tensor | None = None, token_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"MoELayer input must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
         if x.dim() == 0 or x.shape[-1] != self.cfg.hidden_size:
             raise ValueError(f"MoELayer input must be [..., {self.cfg.hidden_size}], got shape {tuple(x.shape)}")
+        mask = flat_token_mask(token_mask, x.shape[:-1], x.device)  # bool [N] or None
+        gate_mask = None if mask is None else mask.view(x.shape[:-1])
+        route = self.route if self.routing_hook is None else self.routing_hook
+        weights, indices = route(x, input_ids, gate_mask)
+        dtype = compute_dtype(x)
+        x_flat = x.reshape(-1, self.cfg.hidden_size).to(dtype)  # [N, D]
+        with autocast_off(x.device.type):
+            if x.is_meta:  # shapes only: no routing plan can be built from meta indices
+                routed, dropped = torch.zeros_like(x_flat), None
+            elif self.ep_group is not None:
+                routed, dropped = self._routed_expert_parallel(x_flat, weights, indices, mask)
+            else:
+                routed, dropped = self._routed_local(x_flat, weights, indices, mask)
+            out = routed
+            if self.shared_experts is not None:
+                out = out + self.shared_experts(x_flat)
+        return out.view(*x.shape[:-1], self.cfg.hidden_size)
+
+    def route(self, x: torch.Tensor, input_ids=None, token_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate's (weights [N, k], indices [N, k]) for x; `routing_hook` (moe_kit.replay) may stand in."""
         if isinstance(self.gate, HashGate):
-            weights, indices = self.gate(x, input_ids)
-        else:
-            weights, indices = self.gate(x)
-        x_flat = x.reshape(-1, self.cfg.hidden_size)  # [N, D]
-        if self.ep_group is not None:
-            return self._forward_expert_parallel(x, x_flat, weights, indices)
+            return self.gate(x, input_ids, token_mask=token_mask)
+        return self.gate(x, token_mask=token_mask)
+
+    def _routed_local(self, x_flat, weights, indices, mask):
+        """Routed experts on this process; padding and capacity overflow marked with id E."""
+        num_experts = self.cfg.num_experts
+        marked = indices if mask is None else indices.masked_fill(~mask.unsqueeze(1), num_experts)
         dropped = None
-        if self.cfg.capacity_factor is not None:
-            indices, dropped = drop_overflow(weights, indices, self.cfg.num_experts, self.cfg.capacity_factor)
-        out = dispatch(
+        gate_marks = getattr(self.gate, "marks_unrouted", False)  # expert choice: E in indices, capacity applied
+        if self.cfg.capacity_factor is not None and not gate_marks:
+            num_real = x_flat.shape[0] if mask is None else int(mask.sum())  # capacity counts real tokens only
+            capacity = expert_capacity(num_real, self.cfg.top_k, num_experts, self.cfg.capacity_factor)
+            ranking = weights.detach().reshape(-1)
+            if mask is not None:  # padding ranks last, so it never takes a real slot's place
+                ranking = ranking.masked_fill(~mask.repeat_interleave(self.cfg.top_k), float("-inf"))
+            over = over_capacity(ranking, marked.reshape(-1), num_experts, capacity).view_as(indices)
+            if mask is not None:
+                over = over & mask.unsqueeze(1)
+            dropped = over.sum()
+            marked = marked.masked_fill(over, num_experts)
+        dtype = x_flat.dtype
+        routed = dispatch(
             x_flat,
             weights,
-            indices,
-            self.experts.gate_up_proj.to(x.dtype),
-            self.experts.down_proj.to(x.dtype),
+            marked,
+            self.experts.gate_up_proj.to(dtype),
+            self.experts.down_proj.to(dtype),
             self.cfg.backend,
             self.cfg.swiglu_limit,
-            has_dropped=dropped is not None,
+            has_dropped=marked is not indices or gate_marks,
         )
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x_flat)
-        self._remember(indices, dropped)
-        return out.view(x.shape)
+        self._remember(marked, dropped, mask)
+        return routed, dropped
 
-    def _forward_expert_parallel(self, x, x_flat, weights, indices) -> torch.Tensor:
-        """Routed experts across ep_group (capacity, if any, per expert over the group), shared experts here."""
+    def _routed_expert_parallel(self, x_flat, weights, indices, mask):
+        """Routed experts across ep_group (capacity, if any, per expert over the group)."""
+        marked = indices if mask is None else indices.masked_fill(~mask.unsqueeze(1), self.cfg.num_experts)
+        dtype = x_flat.dtype
         result = ep_moe_ffn(
             x_flat,
             weights,
-            indices,
-            self.experts.gate_up_proj.to(x.dtype),
-            self.experts.down_proj.to(x.dtype),
+            marked,
+            self.experts.gate_up_proj.to(dtype),
+            self.experts.down_proj.to(dtype),
             self.ep_group,
             self.cfg.backend,
             self.cfg.swiglu_limit,
-            self.cfg.capacity_factor,
+            None if getattr(self.gate, "marks_unrouted", False) else self.cfg.capacity_factor,
         )
-        out = result.out
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x_flat)
-        self._remember(indices, result.dropped)
+        self._remember(marked, result.dropped, mask)
         self._last.update(load=result.load.detach(), slots=result.num_slots)  # the group's, not this rank's
-        return out.view(x.shape)
+        return result.out, result.dropped
 
     @torch.no_grad()
-    def _remember(self, indices: torch.Tensor, dropped: torch.Tensor | None) -> None:
+    def _remember(self, indices: torch.Tensor, dropped: torch.Tensor | None, mask: torch.Tensor | None) -> None:
         """Keep the routing outcome as tensors; `stats` turns them into numbers only when read."""
         load = torch.zeros(self.cfg.num_experts + 1, dtype=torch.long, device=indices.device)
         load.scatter_add_(0, indices.reshape(-1), torch.ones_like(indices.reshape(-1)))
+        expert_bias = getattr(self.gate, "expert_bias", None)
         self._last = dict(
             load=load[: self.cfg.num_experts],
-            slots=indices.numel(),
+            slots=indices.numel() if mask is None else mask.sum() * self.cfg.top_k,
             dropped=dropped,
             aux_loss=self.gate.aux_loss,
             z_loss=self.gate.z_loss,
-            bias=None if self.gate.bias is None else self.gate.bias.clone(),
+            bias=None if expert_bias is None else expert_bias.clone(),
         )
 
     @property
@@ -118,7 +176,8 @@ class MoELayer(nn.Module):
         last = self._last
         if last is None:
             return None
-        dropped = 0.0 if last["dropped"] is None or last["slots"] == 0 else float(last["dropped"]) / last["slots"]
+        slots = int(last["slots"])
+        dropped = 0.0 if last["dropped"] is None or slots == 0 else float(last["dropped"]) / slots
         return RoutingStats(
             load=last["load"].cpu(),
             aux_loss=None if last["aux_loss"] is None else float(last["aux_loss"]),
@@ -130,3 +189,26 @@ class MoELayer(nn.Module):
     def extra_repr(self) -> str:
         gate = "hash" if isinstance(self.gate, HashGate) else self.cfg.score_func
         return f"layer_id={self.layer_id}, experts={self.cfg.num_experts}, top_k={self.cfg.top_k}, gate={gate}"
+
+
+def make_gate(cfg: MoEConfig, layer_id: int = 0) -> nn.Module:
+    """HashGate on hash layers, else the gate of cfg.routing (token_choice / expert_choice / sinkhorn)."""
+    if cfg.uses_hash_gate(layer_id):
+        return HashGate(cfg)
+    routing = getattr(cfg, "routing", "token_choice")
+    if routing == "expert_choice":
+        return ExpertChoiceGate(cfg)
+    if routing == "sinkhorn":
+        return SinkhornGate(cfg)
+    return TopKGate(cfg)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts run in: autocast's for x's device when autocast is on, else x's."""
+    device_type = x.device.type
+    available = getattr(torch.amp, "is_autocast_available", None)
+    if available is not None and not available(device_type):
+        return x.dtype
+    if device_type in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype

@@ -136,7 +136,8 @@ def ep_moe_ffn(
 
     Args:
         x: [N, D] local tokens (N may be 0); weights [N, k] routing weights; indices int [N, k]
-            global expert ids in 0..E-1, E = El * W.
+            global expert ids in 0..E-1, E = El * W; id E marks a slot that gets no expert
+            (padding): it never travels, counts for no load or capacity, and contributes zero.
         gate_up_proj: [El, 2I, D] and down_proj [El, D, I]: this rank's experts, in x's dtype.
         group: the expert-parallel process group; every rank of it must call with the same config.
         capacity_factor: None (dropless) or the factor of the group-wide capacity rule.
@@ -146,7 +147,8 @@ def ep_moe_ffn(
     num_local = gate_up_proj.shape[0]
     num_experts = num_local * dist.get_world_size(group)
     ex = plan_exchange(indices, num_experts, group)
-    x_rows = x.index_select(0, ex.plan.token_of_row)  # [S, D], sorted by expert
+    kept = sum(ex.send_splits)  # slots marked E (padding) sort last and never travel
+    x_rows = x.index_select(0, ex.plan.token_of_row[:kept])  # [S_kept, D], sorted by expert
     recv_x = all_to_all(x_rows, ex.send_splits, ex.recv_splits, group)  # [R, D]
     expert = ex.local_expert
     load = ex.counts.sum(0)
@@ -154,7 +156,7 @@ def ep_moe_ffn(
     if capacity_factor is not None:
         capacity = global_capacity(ex.num_slots, num_experts, capacity_factor)
         with torch.no_grad():  # the weights only decide which slots stay
-            w_rows = weights.reshape(-1).index_select(0, ex.plan.slot_of_row)
+            w_rows = weights.reshape(-1).index_select(0, ex.plan.slot_of_row[:kept])
             recv_w = all_to_all(w_rows, ex.send_splits, ex.recv_splits, group)  # [R]
         expert = expert.masked_fill(over_capacity(recv_w, expert, num_local, capacity), num_local)
         load = load.clamp(max=capacity)
@@ -164,6 +166,8 @@ def ep_moe_ffn(
         recv_x, ones, expert.unsqueeze(1), gate_up_proj, down_proj, backend, swiglu_limit,
         has_dropped=capacity_factor is not None,
     )  # [R, D], zeros for dropped rows
-    y_rows = all_to_all(y, ex.recv_splits, ex.send_splits, group)  # [S, D], back in plan order
+    y_rows = all_to_all(y, ex.recv_splits, ex.send_splits, group)  # [S_kept, D], back in plan order
+    if kept < ex.plan.slot_of_row.numel():  # marked slots contribute zeros
+        y_rows = torch.cat([y_rows, y_rows.new_zeros(ex.plan.slot_of_row.numel() - kept, y_rows.shape[1])])
     out = combine(y_rows, weights, ex.plan)
     return EPResult(out, load, dropped, ex.num_slots, ex.send_splits, ex.recv_splits)

@@ -18,9 +18,9 @@ for one, gets a fresh init with a zero down projection, so it adds nothing at in
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from moe_kit.activations import ACTIVATIONS, act_fn
 from moe_kit.config import MoEConfig
 from moe_kit.layer import MoELayer
 
@@ -52,14 +52,28 @@ def dense_swiglu_weights(dense_mlp: nn.Module) -> tuple[torch.Tensor, torch.Tens
     return gate, up, down
 
 
-def is_silu(fn) -> bool:
-    """True when fn(t) == silu(t) on a probe spanning [-8, 8]."""
-    probe = torch.linspace(-8.0, 8.0, 33)
+def activation_of(fn) -> str | None:
+    """The name in moe_kit.activations.ACTIVATIONS of the elementwise function `fn` ("silu",
+    "gelu", "gelu_tanh", "relu"), found on a CPU probe spanning [-8, 8]; None for anything else.
+    The probe lives on the CPU whatever the default device (a model built under
+    torch.device("meta") keeps stateless activations that run on any device)."""
+    probe = torch.linspace(-8.0, 8.0, 33, device="cpu", dtype=torch.float32)
     try:
         out = fn(probe)
-    except Exception:  # noqa: BLE001 - any failure means "not a plain elementwise silu"
-        return False
-    return isinstance(out, torch.Tensor) and out.shape == probe.shape and torch.allclose(out, F.silu(probe), atol=1e-6)
+    except Exception:  # noqa: BLE001 - any failure means "not a plain elementwise activation"
+        return None
+    if not isinstance(out, torch.Tensor) or out.shape != probe.shape or out.device != probe.device:
+        return None
+    out = out.float()
+    for name in ACTIVATIONS:
+        if torch.allclose(out, act_fn(probe, name), atol=1e-6):
+            return name
+    return None
+
+
+def is_silu(fn) -> bool:
+    """True when fn(t) == silu(t) on a CPU probe spanning [-8, 8]."""
+    return activation_of(fn) == "silu"
 
 
 @torch.no_grad()

@@ -10,15 +10,19 @@ import os
 
 import torch
 
-from moe_kit.activations import swiglu
+from moe_kit.activations import ACTIVATIONS, check_activation, swiglu
 from moe_kit.ops.loop import moe_ffn_loop
 from moe_kit.ops.routing import RoutingPlan, routing_plan
 from moe_kit.ops.torch_ops import moe_ffn_torch
 
-__all__ = ["moe_ffn", "resolve_backend", "check_backend", "routing_plan", "RoutingPlan", "swiglu"]
+__all__ = ["moe_ffn", "resolve_backend", "check_backend", "routing_plan", "RoutingPlan", "swiglu", "ACTIVATIONS"]
 
 _BACKENDS = ("auto", "triton", "torch", "loop")
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None
+# "auto" picks the Triton kernels on CUDA only once benchmarks/gpu_suite.py has passed on a real
+# GPU (correct in every row and faster than the torch backend at both benchmark shapes). Until
+# then "auto" means "torch" everywhere; backend="triton" still selects the kernels by name.
+TRITON_GPU_SUITE_PASSED = False
 
 
 def triton_importable() -> bool:
@@ -42,9 +46,9 @@ def check_backend(backend: str) -> None:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map "auto" to the best backend for `device` ("triton" on CUDA when triton imports, else
-    "torch"); reject unknown names and "triton" where it cannot run (no triton, or a non-CUDA
-    device outside the Triton interpreter)."""
+    """Map "auto" to the best backend for `device` ("torch"; "triton" on CUDA only once the GPU
+    suite has passed, see TRITON_GPU_SUITE_PASSED); reject unknown names and "triton" where it
+    cannot run (no triton, or a non-CUDA device outside the Triton interpreter)."""
     if backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {list(_BACKENDS)}")
     if backend == "triton":
@@ -57,7 +61,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             )
         return "triton"
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_importable() else "torch"
+        use_triton = TRITON_GPU_SUITE_PASSED and device.type == "cuda" and triton_importable()
+        return "triton" if use_triton else "torch"
     return backend
 
 
@@ -70,8 +75,9 @@ def moe_ffn(
     backend: str = "auto",
     *,
     swiglu_limit: float | None = None,
+    activation: str = "silu",
 ) -> torch.Tensor:
-    """Routed SwiGLU experts: sum_j weights[:, j] * SwiGLU_{indices[:, j]}(x).
+    """Routed gated experts: sum_j weights[:, j] * FFN_{indices[:, j]}(x), FFN = down(act(gate) * up).
 
     Args:
         x: [N, D] float activations.
@@ -79,30 +85,43 @@ def moe_ffn(
         indices: [N, k] integer expert ids in 0..E-1.
         gate_up_proj: [E, 2I, D], first I rows the gate projection, next I rows the up projection.
         down_proj: [E, D, I].
-        backend: "auto" | "triton" | "torch" | "loop" (auto: triton on CUDA when triton imports, else torch).
-        swiglu_limit: optional clamp (gate <= limit, |up| <= limit) before silu(gate) * up.
+        backend: "auto" | "triton" | "torch" | "loop" (auto: "torch" until the Triton kernels have
+            passed benchmarks/gpu_suite.py on a real GPU; see TRITON_GPU_SUITE_PASSED).
+        swiglu_limit: optional clamp (gate <= limit, |up| <= limit) before act(gate) * up.
+        activation: "silu" (SwiGLU, default) | "gelu" | "gelu_tanh" | "relu". The Triton kernels
+            have silu only; other activations run on the torch backend when "triton" is asked.
     Returns:
         [N, D] in x.dtype, differentiable in x, weights, gate_up_proj and down_proj.
+
+    An expert id outside 0..E-1 raises IndexError in eager mode; under torch.compile the check
+    is a device-side assert (RuntimeError), so the compiled graph has no host synchronization.
     """
     check_moe_ffn_inputs(x, weights, indices, gate_up_proj, down_proj)
-    if indices.numel() and bool(((indices < 0) | (indices >= gate_up_proj.shape[0])).any()):
-        bad = indices[(indices < 0) | (indices >= gate_up_proj.shape[0])][0].item()
-        raise IndexError(f"expert id {bad} in indices is out of range for {gate_up_proj.shape[0]} experts")
-    return dispatch(x, weights, indices, gate_up_proj, down_proj, backend, swiglu_limit)
+    check_activation(activation)
+    num_experts = gate_up_proj.shape[0]
+    if torch.compiler.is_compiling():
+        torch._assert_async(((indices >= 0) & (indices < num_experts)).all(),
+                            f"an expert id in indices is out of range for {num_experts} experts")
+    elif indices.numel() and bool(((indices < 0) | (indices >= num_experts)).any()):
+        bad = indices[(indices < 0) | (indices >= num_experts)][0].item()
+        raise IndexError(f"expert id {bad} in indices is out of range for {num_experts} experts")
+    return dispatch(x, weights, indices, gate_up_proj, down_proj, backend, swiglu_limit, activation=activation)
 
 
-def dispatch(x, weights, indices, gate_up_proj, down_proj, backend, swiglu_limit=None, has_dropped=False):
+def dispatch(x, weights, indices, gate_up_proj, down_proj, backend, swiglu_limit=None, has_dropped=False,
+             activation="silu"):
     """moe_ffn without input checks; ids == E mark dropped slots when `has_dropped`."""
     backend = resolve_backend(backend, x.device)
     if backend == "loop":
-        return moe_ffn_loop(x, weights, indices, gate_up_proj, down_proj, swiglu_limit)
-    if backend == "triton":
+        return moe_ffn_loop(x, weights, indices, gate_up_proj, down_proj, swiglu_limit, activation)
+    if backend == "triton" and activation == "silu":
         from moe_kit.ops.triton import SUPPORTED_DTYPES, moe_ffn_triton  # imports triton on first use
 
         if x.dtype in SUPPORTED_DTYPES:
             return moe_ffn_triton(x, weights, indices, gate_up_proj, down_proj, swiglu_limit, has_dropped)
         # other dtypes (float64) have no Triton kernels: the torch backend computes them
-    return moe_ffn_torch(x, weights, indices, gate_up_proj, down_proj, swiglu_limit, has_dropped)
+    return moe_ffn_torch(x, weights, indices, gate_up_proj, down_proj, swiglu_limit, has_dropped,
+                         activation=activation)
 
 
 def check_moe_ffn_inputs(x, weights, indices, gate_up_proj, down_proj) -> None:

@@ -18,8 +18,13 @@ def moe_ffn_loop(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     swiglu_limit: float | None = None,
+    activation: str = "silu",
 ) -> torch.Tensor:
-    """x [N, D], weights [N, k], indices int [N, k] -> [N, D]; ids >= E (dropped slots) are skipped."""
+    """x [N, D], weights [N, k], indices int [N, k] -> [N, D] in x.dtype; ids >= E (dropped slots) are skipped.
+
+    Under torch.autocast the GEMMs run in the autocast dtype; each expert's contribution is cast
+    back to x.dtype before it is summed.
+    """
     out = torch.zeros_like(x)
     ran = False
     for expert in range(gate_up_proj.shape[0]):
@@ -27,9 +32,9 @@ def moe_ffn_loop(
         if token.numel() == 0:
             continue
         ran = True
-        hidden = swiglu(x[token] @ gate_up_proj[expert].t(), swiglu_limit)  # [n_e, I]
+        hidden = swiglu(x[token] @ gate_up_proj[expert].t(), swiglu_limit, activation)  # [n_e, I]
         y = hidden @ down_proj[expert].t()  # [n_e, D]
-        out = out.index_add(0, token, y * weights[token, slot].unsqueeze(1).to(y.dtype))
+        out = out.index_add(0, token, (y * weights[token, slot].unsqueeze(1).to(y.dtype)).to(out.dtype))
     if not ran:  # no expert ran: the zero output still depends (with zero gradient) on every input
         out = out + 0.0 * (x.sum() + weights.sum().to(x.dtype) + gate_up_proj.sum() + down_proj.sum())
     return out

@@ -5,11 +5,25 @@ capacity limit drops some), E experts, D model width, I expert hidden width. Wei
 HuggingFace layout: gate_up [E, 2I, D], down [E, D, I].
 
 Reference math (ops/loop.py does exactly this, one expert at a time):
-    h = x_e @ gate_up[e]^T;  a = silu(h[:, :I]) * h[:, I:];  y = (w * a) @ down[e]^T;  out += y
-Here the whole FFN is one autograd.Function: it saves only x_rows, h and a, writes the backward
-into few buffers, and folds the routing weight into a before the second GEMM, so the combine is
-a plain row sum. Grouped GEMMs run on `torch.nn.functional.grouped_mm` (or `torch._grouped_mm`)
-where device, dtype and strides allow, else on a padded batched matmul; never a Python loop.
+    h = x_e @ gate_up[e]^T;  a = act(h[:, :I]) * h[:, I:];  y = (w * a) @ down[e]^T;  out += y
+Here the whole FFN is one autograd.Function whose forward keeps only h [R, 2I] (plus x, which
+the caller holds anyway): the gathered rows x[token] are gathered again in the backward and the
+activation a is recomputed from h, so the saved activations are 2I floats per routed slot
+(the dense equal-FLOPs MLP saves more). `recompute="gemm1"` saves nothing but x and runs GEMM 1
+again in the backward (less memory, one more GEMM). The routing weight is folded into a before
+the second GEMM, so the combine is a plain row sum. Grouped GEMMs run on
+`torch.nn.functional.grouped_mm` (or `torch._grouped_mm`) where device, dtype and strides allow,
+else on a padded batched matmul; never a Python loop.
+
+Decode sizes (S <= SMALL_ROWS): no sort, no plan; each slot's expert weights are gathered
+([S, 2I, D], [S, D, I]: only the experts in use are read) and two batched mat-vecs run, as a
+plain reference next to it (tests compare both with the loop backend).
+
+torch.compile: eager calls run the autograd.Function directly; while compiling, the same
+forward and backward run inside two `torch.library.custom_op`s (moe_kit::sorted_ffn_fwd /
+_bwd) with fake implementations, so dynamo traces moe_ffn with no graph break, whatever the
+dtype and token count (the grouped_mm probe, the padded capacity and the drop count are read
+inside the opaque op).
 """
 
 from __future__ import annotations
@@ -19,10 +33,15 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from moe_kit.activations import gated_act, gated_act_backward
 from moe_kit.ops.routing import RoutingPlan, routing_plan
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SMALL_ROWS = 32  # S = N*k at or below this takes the gathered-weights decode path
+CHUNK_BYTES = 16 * 2**20  # backward [R, D] temporaries (x[token], dX rows) are made in column chunks of ~this size
+CHUNK_MIN_COLUMNS = 32  # ... each at least this wide
+Tensor = torch.Tensor
 
 
 # ----------------------------------------------------------------------------- grouped GEMMs
@@ -30,7 +49,10 @@ _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @functools.cache
 def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
-    """Probe once per (device type, dtype): grouped_mm exists and runs both GEMM forms here."""
+    """Probe once per (device type, dtype): grouped_mm exists and runs both GEMM forms here.
+
+    Never called while compiling: the sorted FFN is an opaque custom op there (see module doc).
+    """
     if _grouped_mm is None:
         return False
     try:
@@ -48,8 +70,6 @@ def use_grouped_mm(dtype: torch.dtype, device: torch.device, *widths: int) -> bo
     """grouped_mm needs fp32/bf16/fp16 and every row of every operand 16-byte aligned."""
     if _grouped_mm is None or dtype not in _GROUPED_MM_DTYPES:
         return False
-    if torch.compiler.is_compiling() and dtype != torch.bfloat16:
-        return False  # grouped_mm's fake kernel takes bf16 only: compiled fp32/fp16 use the padded bmm
     size = torch.empty((), dtype=dtype).element_size()
     if any(width * size % 16 for width in widths):
         return False
@@ -71,106 +91,126 @@ class GroupedGemm:
         else:  # padded layout: row r goes to [expert_of_row[r], position[r]] of an [E, C, .] tensor
             self.expert = plan.expert_of_row[:num_rows]
             self.position = torch.arange(num_rows, device=self.expert.device) - plan.offsets[self.expert]
-            self.capacity = int(plan.counts.max()) if plan.counts.numel() else 0  # one host sync
+            self.capacity = int(plan.counts.max()) if plan.counts.numel() else 0  # one host sync (eager only)
             self.num_experts = plan.num_experts
 
-    def _pad(self, rows: torch.Tensor) -> torch.Tensor:
+    def _pad(self, rows: Tensor) -> Tensor:
         padded = rows.new_zeros(self.num_experts, self.capacity, rows.shape[1])
         padded[self.expert, self.position] = rows
         return padded
 
-    def forward(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def forward(self, a: Tensor, w: Tensor) -> Tensor:
         if self.use_grouped:
             return _grouped_mm(a, w.transpose(1, 2), offs=self.ends)
         return torch.bmm(self._pad(a), w.transpose(1, 2))[self.expert, self.position]
 
-    def backward_input(self, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def backward_input(self, g: Tensor, w: Tensor) -> Tensor:
         if self.use_grouped:
             return _grouped_mm(g, w, offs=self.ends)
         return torch.bmm(self._pad(g), w)[self.expert, self.position]
 
-    def weight_grad(self, g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    def weight_grad(self, g: Tensor, a: Tensor) -> Tensor:
         if self.use_grouped:
             return _grouped_mm(g.t(), a, offs=self.ends)
         return torch.bmm(self._pad(g).transpose(1, 2), self._pad(a))
 
 
-# ----------------------------------------------------------------------------- the expert FFN
+# ----------------------------------------------------------------------------- the sorted expert FFN
 
 
-def _clamped_halves(h: torch.Tensor, limit: float | None):
-    gate, up = h.chunk(2, dim=-1)
-    if limit is not None:
-        gate = gate.clamp(max=limit)
-        up = up.clamp(min=-limit, max=limit)
-    return gate, up
+def _plan_gemm(plan: RoutingPlan, x: Tensor, gate_up: Tensor, down: Tensor) -> tuple[int, GroupedGemm]:
+    """Rows kept (a host sync only when slots may be dropped) and the grouped GEMMs of the plan."""
+    num_rows = int(plan.offsets[-1]) if plan.has_dropped else plan.slot_of_row.numel()
+    use = use_grouped_mm(x.dtype, x.device, *gate_up.shape[1:], down.shape[2])
+    return num_rows, GroupedGemm(plan, num_rows, use)
+
+
+def sorted_ffn_forward(x, weights, gate_up, down, plan, activation, limit, deterministic, save):
+    """-> (out [N, D], saved h [R, 2I] or None). save: "h" | "none" (recompute GEMM 1 in backward)."""
+    num_rows, gemm = _plan_gemm(plan, x, gate_up, down)
+    token = plan.token_of_row[:num_rows]
+    w_rows = weights.reshape(-1).index_select(0, plan.slot_of_row[:num_rows]).to(x.dtype)  # [R]
+    h = gemm.forward(x.index_select(0, token), gate_up)  # [R, 2I]; the gathered rows die here
+    y = gemm.forward(gated_act(h, activation, limit), down)  # [R, D], act dies here
+    out = _sum_rows_per_token(y.mul_(w_rows.unsqueeze(1)), plan, x.shape[0], num_rows, deterministic)
+    return out, (h if save == "h" else None)
+
+
+def sorted_ffn_backward(grad_out, x, weights, gate_up, down, h, plan, activation, limit, deterministic, needs):
+    """grad_out [N, D] -> (d_x, d_weights, d_gate_up, d_down), None where `needs` is False.
+
+    Order keeps few [R, .] buffers alive at once: d_down (needs act and grad_y) first, then dH,
+    then d_x, and only then x[token] is gathered again for d_gate_up.
+    """
+    need_x, need_weights, need_gate_up, need_down = needs
+    num_rows, gemm = _plan_gemm(plan, x, gate_up, down)
+    token = plan.token_of_row[:num_rows]
+    w_rows = weights.reshape(-1).index_select(0, plan.slot_of_row[:num_rows]).to(x.dtype).unsqueeze(1)  # [R, 1]
+    if h is None:  # recompute="gemm1"
+        h = gemm.forward(x.index_select(0, token), gate_up)
+    grad_y = grad_out.to(x.dtype).contiguous().index_select(0, token)  # [R, D]
+    grad_act = gemm.backward_input(grad_y, down)  # [R, I], d(out)/d(act) before the weight
+    grad_weights = grad_down = grad_gate_up = grad_x = None
+    if need_weights or need_down:
+        act = gated_act(h, activation, limit)  # [R, I], recomputed
+        if need_weights:
+            grad_w_rows = torch.linalg.vecdot(grad_act, act).to(weights.dtype)  # [R]
+            grad_weights = grad_w_rows.new_zeros(plan.slot_of_row.numel())
+            grad_weights[plan.slot_of_row[:num_rows]] = grad_w_rows
+            grad_weights = grad_weights.view(weights.shape)
+        if need_down:
+            grad_down = gemm.weight_grad(grad_y.mul_(w_rows), act)
+        del act
+    del grad_y
+    if need_x or need_gate_up:
+        grad_h = gated_act_backward(grad_act.mul_(w_rows), h, activation, limit)  # [R, 2I]
+        del grad_act, h
+        columns = _column_chunks(num_rows, x.shape[1], x.element_size())
+        if need_x:  # dX rows [R, D] made and summed per token one column chunk at a time
+            grad_x = torch.cat([
+                _sum_rows_per_token(gemm.backward_input(grad_h, gate_up[:, :, cols]), plan, x.shape[0], num_rows,
+                                    deterministic)
+                for cols in columns
+            ], dim=1) if len(columns) > 1 else _sum_rows_per_token(
+                gemm.backward_input(grad_h, gate_up), plan, x.shape[0], num_rows, deterministic)
+        if need_gate_up:  # x[token] gathered again, one column chunk at a time
+            if len(columns) == 1:
+                grad_gate_up = gemm.weight_grad(grad_h, x.index_select(0, token))
+            else:
+                grad_gate_up = gate_up.new_empty(gate_up.shape)
+                for cols in columns:
+                    grad_gate_up[:, :, cols] = gemm.weight_grad(grad_h, x[:, cols].index_select(0, token))
+    return grad_x, grad_weights, grad_gate_up, grad_down
+
+
+def _column_chunks(num_rows: int, width: int, element_size: int) -> list[slice]:
+    """Column slices of a [R, width] temporary, each about CHUNK_BYTES (at least CHUNK_MIN_COLUMNS wide)."""
+    count = min(max(1, num_rows * width * element_size // CHUNK_BYTES), max(1, width // CHUNK_MIN_COLUMNS))
+    step = -(-width // count)
+    return [slice(lo, min(lo + step, width)) for lo in range(0, width, step)]
 
 
 class _SortedExpertsFFN(torch.autograd.Function):
-    """out [N, D] = sum over kept rows r of w[r] * SwiGLU_{e(r)}(x[token(r)]) (see module doc).
-
-    Elementwise work runs in place on buffers this function owns: on CPU every fresh large
-    tensor costs page faults, so the only allocations are the gather and GEMM outputs.
-    """
+    """out [N, D] = sum over kept rows r of w[r] * FFN_{e(r)}(x[token(r)]) (see module doc)."""
 
     @staticmethod
-    def forward(ctx, x, weights, gate_up, down, plan, num_rows, limit, deterministic):
+    def forward(ctx, x, weights, gate_up, down, plan, activation, limit, deterministic, save):
         gate_up, down = gate_up.contiguous(), down.contiguous()  # no-ops for parameters
-        gemm = GroupedGemm(plan, num_rows, use_grouped_mm(x.dtype, x.device, *gate_up.shape[1:], down.shape[2]))
-        token = plan.token_of_row[:num_rows]
-        w_rows = weights.reshape(-1).index_select(0, plan.slot_of_row[:num_rows]).to(x.dtype)  # [R]
-        x_rows = x.index_select(0, token)  # [R, D]
-        h = gemm.forward(x_rows, gate_up)  # [R, 2I]
-        gate, up = _clamped_halves(h, limit)
-        act = F.silu(gate).mul_(up)  # [R, I]
-        y = gemm.forward(act, down).mul_(w_rows.unsqueeze(1))  # [R, D], w * (act @ down^T)
-        out = _sum_rows_per_token(y, plan, x.shape[0], num_rows, deterministic)
-        ctx.save_for_backward(x_rows, h, act, w_rows, gate_up, down)
-        ctx.gemm, ctx.plan, ctx.num_rows, ctx.limit, ctx.deterministic = gemm, plan, num_rows, limit, deterministic
-        ctx.x_shape, ctx.weights_shape, ctx.weights_dtype = x.shape, weights.shape, weights.dtype
+        out, h = sorted_ffn_forward(x, weights, gate_up, down, plan, activation, limit, deterministic, save)
+        ctx.save_for_backward(x, weights, gate_up, down, h)
+        ctx.plan, ctx.activation, ctx.limit, ctx.deterministic = plan, activation, limit, deterministic
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x_rows, h, act, w_rows, gate_up, down = ctx.saved_tensors
-        gemm, plan, num_rows, limit = ctx.gemm, ctx.plan, ctx.num_rows, ctx.limit
-        grad_y = grad_out.contiguous().index_select(0, plan.token_of_row[:num_rows])  # [R, D]
-        grad_act = gemm.backward_input(grad_y, down)  # [R, I], d(out)/d(act) before the weight
-        grad_weights = None
-        if ctx.needs_input_grad[1]:
-            grad_w_rows = torch.linalg.vecdot(grad_act, act).to(ctx.weights_dtype)  # [R]
-            grad_weights = grad_w_rows.new_zeros(plan.slot_of_row.numel())
-            grad_weights[plan.slot_of_row[:num_rows]] = grad_w_rows
-            grad_weights = grad_weights.view(ctx.weights_shape)
-        scale = w_rows.unsqueeze(1)
-        grad_down = gemm.weight_grad(grad_y.mul_(scale), act) if ctx.needs_input_grad[3] else None
-        grad_h = _swiglu_backward(grad_act.mul_(scale), h, limit)  # [R, 2I]
-        grad_gate_up = gemm.weight_grad(grad_h, x_rows) if ctx.needs_input_grad[2] else None
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x_rows = gemm.backward_input(grad_h, gate_up)  # [R, D]
-            grad_x = _sum_rows_per_token(grad_x_rows, plan, ctx.x_shape[0], num_rows, ctx.deterministic)
-        return grad_x, grad_weights, grad_gate_up, grad_down, None, None, None, None
+        x, weights, gate_up, down, h = ctx.saved_tensors
+        grads = sorted_ffn_backward(grad_out, x, weights, gate_up, down, h, ctx.plan, ctx.activation, ctx.limit,
+                                    ctx.deterministic, ctx.needs_input_grad[:4])
+        return (*grads, None, None, None, None, None)
 
 
-def _swiglu_backward(grad_act: torch.Tensor, h: torch.Tensor, limit: float | None) -> torch.Tensor:
-    """d(silu(gate) * up)/d[gate, up] with the optional clamp; grad_act [R, I], h [R, 2I] -> [R, 2I]."""
-    gate, up = _clamped_halves(h, limit)
-    grad_h = torch.empty_like(h)
-    grad_gate, grad_up = grad_h.chunk(2, dim=-1)
-    torch.mul(grad_act, up, out=grad_gate)
-    torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
-    torch.ops.aten.silu.out(gate, out=grad_up)
-    grad_up.mul_(grad_act)
-    if limit is not None:  # clamp passes the gradient only inside its bounds (limits included)
-        raw_gate, raw_up = h.chunk(2, dim=-1)
-        grad_gate.masked_fill_(raw_gate > limit, 0)
-        grad_up.masked_fill_(raw_up.abs() > limit, 0)
-    return grad_h
-
-
-def _sum_rows_per_token(rows: torch.Tensor, plan: RoutingPlan, num_tokens: int, num_rows: int, deterministic: bool):
+def _sum_rows_per_token(rows: Tensor, plan: RoutingPlan, num_tokens: int, num_rows: int, deterministic: bool):
     """rows [R, D] sorted by expert -> [N, D], each token the sum of its rows.
 
     deterministic: gather back to slot order ([N, k, D], zeros for dropped slots) and sum over k;
@@ -183,24 +223,141 @@ def _sum_rows_per_token(rows: torch.Tensor, plan: RoutingPlan, num_tokens: int, 
     return rows.index_select(0, plan.row_of_slot).view(num_tokens, plan.top_k, rows.shape[1]).sum(dim=1)
 
 
+# ----------------------------------------------------------------------------- compiled path: custom ops
+
+_PLAN_FIELDS = ("slot_of_row", "token_of_row", "row_of_slot", "expert_of_row", "counts", "offsets")
+
+
+def _plan_of(tensors, num_experts: int, top_k: int, has_dropped: bool) -> RoutingPlan:
+    return RoutingPlan(*tensors, num_experts=num_experts, top_k=top_k, has_dropped=has_dropped)
+
+
+@torch.library.custom_op("moe_kit::sorted_ffn_fwd", mutates_args=())
+def _sorted_ffn_fwd_op(
+    x: Tensor, weights: Tensor, gate_up: Tensor, down: Tensor, plan: list[Tensor], num_experts: int,
+    has_dropped: bool, activation: str, limit: float | None, deterministic: bool, save_h: bool,
+) -> tuple[Tensor, Tensor]:
+    """(out [N, D], h [S, 2I] (rows past the kept ones zero) or [0, 2I] unless save_h)."""
+    routing = _plan_of(plan, num_experts, weights.shape[1], has_dropped)
+    out, h = sorted_ffn_forward(x, weights, gate_up.contiguous(), down.contiguous(), routing, activation, limit,
+                                deterministic, "h" if save_h else "none")
+    if h is None:
+        return out, x.new_empty(0, gate_up.shape[1])
+    if h.shape[0] < routing.slot_of_row.numel():  # dropped slots: fixed shape for the fake kernel
+        h = torch.cat([h, h.new_zeros(routing.slot_of_row.numel() - h.shape[0], h.shape[1])])
+    return out, h
+
+
+@_sorted_ffn_fwd_op.register_fake
+def _(x, weights, gate_up, down, plan, num_experts, has_dropped, activation, limit, deterministic, save_h):
+    return x.new_empty(x.shape), x.new_empty(weights.numel() if save_h else 0, gate_up.shape[1])
+
+
+@torch.library.custom_op("moe_kit::sorted_ffn_bwd", mutates_args=())
+def _sorted_ffn_bwd_op(
+    grad_out: Tensor, x: Tensor, weights: Tensor, gate_up: Tensor, down: Tensor, h: Tensor, plan: list[Tensor],
+    num_experts: int, has_dropped: bool, activation: str, limit: float | None, deterministic: bool,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (d_x, d_weights, d_gate_up, d_down), each empty [0] when not needed."""
+    routing = _plan_of(plan, num_experts, weights.shape[1], has_dropped)
+    saved = None
+    if h.shape[0]:
+        saved = h[: int(routing.offsets[-1])] if has_dropped else h
+    grads = sorted_ffn_backward(grad_out, x, weights, gate_up.contiguous(), down.contiguous(), saved, routing,
+                                activation, limit, deterministic, needs)
+    return tuple(t.new_empty(0) if g is None else g for g, t in zip(grads, (x, weights, gate_up, down), strict=True))
+
+
+@_sorted_ffn_bwd_op.register_fake
+def _(grad_out, x, weights, gate_up, down, h, plan, num_experts, has_dropped, activation, limit, deterministic,
+      needs):
+    return tuple(t.new_empty(t.shape if n else (0,)) for t, n in zip((x, weights, gate_up, down), needs, strict=True))
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, weights, gate_up, down, plan, num_experts, has_dropped, activation, limit, deterministic, _ = inputs
+    ctx.save_for_backward(x, weights, gate_up, down, output[1], *plan)
+    ctx.args = (num_experts, has_dropped, activation, limit, deterministic)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _op_backward(ctx, grad_out, _grad_h):
+    x, weights, gate_up, down, h, *plan = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:4])
+    grads = torch.ops.moe_kit.sorted_ffn_bwd(grad_out, x, weights, gate_up, down, h, plan, *ctx.args, needs)
+    grads = [g if n else None for g, n in zip(grads, needs, strict=True)]
+    return (*grads, [None] * len(plan), None, None, None, None, None, None)
+
+
+_sorted_ffn_fwd_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+# ----------------------------------------------------------------------------- decode path: gathered weights
+
+
+def small_ffn(x, weights, indices, gate_up, down, activation="silu", limit=None):
+    """S = N*k <= SMALL_ROWS: each slot's expert weights gathered ([S, 2I, D], [S, D, I]), two
+    batched mat-vecs, a sum over k. Plain autograd; ids == E (dropped slots) contribute zero."""
+    num_tokens, top_k = indices.shape
+    num_experts = gate_up.shape[0]
+    flat = indices.reshape(-1)
+    kept = None
+    if bool((flat >= num_experts).any()) if flat.numel() else False:
+        kept = flat < num_experts
+        flat = flat.clamp(max=num_experts - 1)
+    x_rows = x.repeat_interleave(top_k, dim=0).unsqueeze(2)  # [S, D, 1]
+    h = torch.bmm(gate_up.index_select(0, flat), x_rows).squeeze(2)  # [S, 2I]
+    act = gated_act(h, activation, limit)  # [S, I]
+    scale = weights.reshape(-1, 1).to(x.dtype)
+    if kept is not None:
+        scale = scale * kept.unsqueeze(1)
+    y = torch.bmm(down.index_select(0, flat), (act * scale).unsqueeze(2)).squeeze(2)  # [S, D]
+    return y.view(num_tokens, top_k, x.shape[1]).sum(1)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
 def moe_ffn_torch(
-    x: torch.Tensor,
-    weights: torch.Tensor,
-    indices: torch.Tensor,
-    gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
+    x: Tensor,
+    weights: Tensor,
+    indices: Tensor,
+    gate_up_proj: Tensor,
+    down_proj: Tensor,
     swiglu_limit: float | None = None,
     has_dropped: bool = False,
     deterministic: bool | None = None,
-) -> torch.Tensor:
+    *,
+    activation: str = "silu",
+    recompute: str = "act",
+    small: bool | None = None,
+) -> Tensor:
     """x [N, D], weights [N, k], indices int [N, k] (E = dropped when has_dropped) -> [N, D].
 
     deterministic=None: a fixed-order combine on CUDA, index_add on CPU (deterministic there too).
+    recompute: "act" (save h, recompute the activation; default) | "gemm1" (save only x, run GEMM 1
+    again in the backward). small: None = the decode path when N*k <= SMALL_ROWS (eager only);
+    True / False force it on / off.
     """
-    plan = routing_plan(indices, gate_up_proj.shape[0], has_dropped)
-    num_rows = int(plan.offsets[-1]) if has_dropped else plan.slot_of_row.numel()  # host sync only with drops
     if deterministic is None:
         deterministic = x.device.type != "cpu"
+    if recompute not in ("act", "gemm1"):
+        raise ValueError(f"recompute must be 'act' or 'gemm1', got {recompute!r}")
+    compiling = torch.compiler.is_compiling()
+    if small is None:
+        small = not compiling and 0 < indices.numel() <= SMALL_ROWS
+    if small:
+        return small_ffn(x, weights, indices, gate_up_proj, down_proj, activation, swiglu_limit)
+    plan = routing_plan(indices, gate_up_proj.shape[0], has_dropped)
+    if compiling:
+        save_h = recompute == "act" and torch.is_grad_enabled()
+        out, _ = torch.ops.moe_kit.sorted_ffn_fwd(
+            x, weights, gate_up_proj, down_proj, [getattr(plan, f) for f in _PLAN_FIELDS], plan.num_experts,
+            has_dropped, activation, None if swiglu_limit is None else float(swiglu_limit), deterministic, save_h,
+        )
+        return out
     return _SortedExpertsFFN.apply(
-        x, weights, gate_up_proj, down_proj, plan, num_rows, swiglu_limit, deterministic
+        x, weights, gate_up_proj, down_proj, plan, activation, swiglu_limit, deterministic,
+        "h" if recompute == "act" else "none",
     )

@@ -13,6 +13,7 @@ original class and `save_pretrained` writes a normal checkpoint.
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from dataclasses import dataclass
@@ -21,11 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from moe_kit.activations import act_fn
 from moe_kit.config import MoEConfig
-from moe_kit.integrations.hf.layout import experts_swiglu_limit, is_hf_experts
+from moe_kit.integrations.hf.layout import experts_activation, is_hf_experts
 from moe_kit.integrations.hf.specs import SPECS, BlockSpec, spec_of, state_keys
-from moe_kit.integrations.upcycle import is_silu
+from moe_kit.integrations.upcycle import activation_of
 from moe_kit.layer import MoELayer
+from moe_kit.ops import moe_ffn
 
 # MoEConfig fields convert(**overrides) may set: they change training, not the converted function
 # (capacity_factor excepted: dropping tokens changes outputs by design).
@@ -94,13 +97,18 @@ def convert_back(model: nn.Module) -> list[str]:
 
 
 def _to_moe_layer(block: nn.Module, spec: BlockSpec, layer_idx: int | None, overrides: dict) -> MoELayer:
-    limit = experts_swiglu_limit(block.experts)
+    activation, limit = experts_activation(block.experts)
+    if not layer_applies_activation(activation):
+        raise ValueError(
+            f"its experts use {activation}(gate) * up, and this moe_kit's MoELayer does not apply "
+            f"MoEConfig.activation={activation!r} yet (the experts implementation, register(), runs it)"
+        )
     num_experts, two_i, hidden = block.experts.gate_up_proj.shape
     routing = spec.routing(block)
     fixed = sorted(k for k in overrides if k in routing and overrides[k] != routing[k])
     if fixed:
         raise ValueError(f"{fixed} fixed by this model's routing ({ {k: routing[k] for k in fixed} })")
-    shared = _shared_width(block, spec, limit)
+    shared = _shared_width(block, spec, activation, limit)
     cfg = MoEConfig(
         hidden_size=hidden,
         intermediate_size=two_i // 2,
@@ -110,11 +118,16 @@ def _to_moe_layer(block: nn.Module, spec: BlockSpec, layer_idx: int | None, over
         shared_intermediate_size=shared,
         shared_expert_gate=spec.shared_gate is not None,
         swiglu_limit=limit,
+        **({} if activation == "silu" else {"activation": activation}),
         **{**routing, **overrides},
     )
     with torch.device("meta"):
         layer = MoELayer(cfg, layer_id=layer_idx or 0)
-    _move_state(block, layer, state_keys(spec, block), zeros=("gate.bias",))  # a bias the family lacks starts at 0
+    keys = state_keys(spec, block)  # {block key: MoELayer key}
+    _move_state(block, layer, keys, zeros=("gate.expert_bias",))  # a bias the family lacks starts at 0
+    block_state = block.state_dict(keep_vars=True)
+    integer = {hf: t.dtype for hf, t in block_state.items() if not (t.is_floating_point() or t.is_complex())}
+    HFKeyNames({moe: hf for hf, moe in keys.items()}, integer).attach(layer)
     layer.train(block.training)
     layer._hf_origin = HFOrigin(type(block), block.experts.config, layer_idx)
     return layer
@@ -124,29 +137,32 @@ def _to_hf_block(layer: MoELayer, origin: HFOrigin, name: str) -> nn.Module:
     spec = SPECS[origin.cls.__name__]
     with torch.device("meta"):
         block = origin.cls(origin.config, origin.layer_idx) if spec.takes_layer_idx else origin.cls(origin.config)
-    keys = {moe: hf for hf, moe in state_keys(spec, block).items()}
-    bias = layer.gate.bias
-    if bias is not None and "gate.bias" not in keys:
-        if bool(bias.any()):
+    # The layer's state_dict already carries the block's key names (HFKeyNames), all but an expert
+    # bias the family has no place for.
+    keys = {key: key for key in block.state_dict(keep_vars=True)}
+    bias = getattr(layer.gate, "expert_bias", None)
+    if bias is not None and "gate.expert_bias" not in keys.values() and "gate.e_score_correction_bias" not in keys:
+        if not bias.is_meta and bool(bias.any()):
             warnings.warn(
-                f"{name}: {origin.cls.__name__} has no expert bias; the trained moe_kit gate.bias is dropped, "
+                f"{name}: {origin.cls.__name__} has no expert bias; the trained moe_kit gate.expert_bias is dropped, "
                 "so the transformers model routes as if it were zero (save it separately to keep it)",
                 stacklevel=3,
             )
-        keys["gate.bias"] = None
+        keys["gate.expert_bias"] = None
     _move_state(layer, block, keys)
     block.train(layer.training)
     return block
 
 
-def _shared_width(block: nn.Module, spec: BlockSpec, limit: float | None) -> int | None:
-    """Hidden width of the shared expert (None without one), after checking it is a plain SwiGLU."""
+def _shared_width(block: nn.Module, spec: BlockSpec, activation: str, limit: float | None) -> int | None:
+    """Hidden width of the shared expert (None without one), after checking it is a gated MLP with
+    the routed experts' activation and clamp."""
     if spec.shared is None:
         return None
     shared = getattr(block, spec.shared)
     act = getattr(shared, "act_fn", None)
-    if act is not None and not is_silu(act):
-        raise ValueError(f"shared expert activation {act!r} is not silu")
+    if act is not None and activation_of(act) != activation:
+        raise ValueError(f"shared expert activation {act!r} differs from the routed experts' {activation}")
     shared_limit = getattr(shared, "limit", None)
     if (None if shared_limit is None else float(shared_limit)) != limit:
         raise ValueError(f"shared expert clamp {shared_limit} differs from the routed experts' {limit}")
@@ -155,9 +171,9 @@ def _shared_width(block: nn.Module, spec: BlockSpec, limit: float | None) -> int
 
 def _move_state(src: nn.Module, dst: nn.Module, keys: dict[str, str | None], zeros=()) -> None:
     """Put src's parameter / buffer objects into dst's slots named by keys (src key -> dst key;
-    None: dropped). Parameters move as they are (no copy); buffers are cast to dst's dtype
-    (fp32 expert bias, int64 tid2eid). dst buffers named in `zeros`, and those it keeps outside
-    its state_dict, start at zero when src has nothing for them."""
+    None: dropped). Parameters move as they are (no copy, meta ones included); buffers are cast to
+    dst's dtype (fp32 expert bias, int64 tid2eid). dst buffers named in `zeros`, and those it keeps
+    outside its state_dict, start at zero (on src's device) when src has nothing for them."""
     src_state, dst_state = src.state_dict(keep_vars=True), dst.state_dict(keep_vars=True)
     unknown = sorted(set(src_state) - set(keys))
     if unknown:
@@ -165,6 +181,7 @@ def _move_state(src: nn.Module, dst: nn.Module, keys: dict[str, str | None], zer
     missing = sorted(set(dst_state) - set(keys.values()) - set(zeros))
     if missing:
         raise ValueError(f"{type(src).__name__} has nothing for {type(dst).__name__}'s {missing}")
+    filled = set()
     for key, tensor in src_state.items():
         target = keys[key]
         if target is None:
@@ -177,14 +194,54 @@ def _move_state(src: nn.Module, dst: nn.Module, keys: dict[str, str | None], zer
             owner._parameters[leaf] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor)
         else:
             owner._buffers[leaf] = tensor.detach().to(dst_state[target].dtype)
+        filled.add(target)
     device = next(iter(src_state.values())).device
     for module in dst.modules():
         for leaf, buffer in module._buffers.items():
             if buffer is not None and buffer.is_meta:
                 module._buffers[leaf] = torch.zeros(buffer.shape, dtype=buffer.dtype, device=device)
-    leftover = [n for n, p in dst.named_parameters() if p.is_meta]
+    leftover = [n for n in dict(dst.named_parameters()) if n not in filled]
     if leftover:
         raise ValueError(f"{type(dst).__name__} parameters {leftover} were not filled")
+
+
+class HFKeyNames:
+    """State-dict hooks that give a converted MoELayer its transformers block's key names.
+
+    `state_dict()` (so `save_pretrained`) writes the block's keys (`shared_expert.*`,
+    `gate.e_score_correction_bias`, ...), so a plain transformers load of the checkpoint is exact
+    and `_keep_in_fp32_modules` patterns keep matching; `load_state_dict` accepts those keys (and
+    moe_kit's own). to_hf: {MoELayer key: block key}; MoELayer keys without a block key (an
+    expert bias the family has no place for) keep their moe_kit names. dtypes: {block key: dtype}
+    of integer buffers, written back in the block's dtype (tid2eid).
+    """
+
+    def __init__(self, to_hf: dict[str, str], dtypes: dict[str, torch.dtype]):
+        self.to_hf = dict(to_hf)
+        self.from_hf = {hf: moe for moe, hf in self.to_hf.items()}
+        self.dtypes = dict(dtypes)
+
+    def attach(self, layer: nn.Module) -> None:
+        layer._register_state_dict_hook(self.save_hook)
+        layer._register_load_state_dict_pre_hook(self.load_hook, with_module=True)
+
+    def save_hook(self, module, state_dict, prefix, local_metadata) -> None:
+        # This layer's entries are the last ones of state_dict: pop them all and put them back
+        # renamed, in the same order, so the other keys keep their places.
+        ours = [key for key in state_dict if key.startswith(prefix)]
+        popped = [(key, state_dict.pop(key)) for key in ours]
+        for key, value in popped:
+            hf_key = self.to_hf.get(key[len(prefix):])
+            if hf_key is None:
+                state_dict[key] = value
+                continue
+            dtype = self.dtypes.get(hf_key)
+            state_dict[prefix + hf_key] = value if dtype is None else value.to(dtype)
+
+    def load_hook(self, module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+        for hf_key, moe_key in self.from_hf.items():
+            if hf_key != moe_key and prefix + hf_key in state_dict:
+                state_dict[prefix + moe_key] = state_dict.pop(prefix + hf_key)
 
 
 # ----------------------------------------------------------------------------- finding blocks
@@ -221,4 +278,27 @@ def _layer_idx(model: nn.Module, name: str) -> int | None:
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     model.get_submodule(parent_name)._modules[child] = module
+
+
+@functools.cache
+def layer_applies_activation(activation: str) -> bool:
+    """True when MoELayer(MoEConfig(activation=...)) computes act(gate) * up in its routed and
+    shared experts (checked once on a tiny CPU layer against moe_kit's loop reference)."""
+    if activation == "silu":
+        return True
+    try:
+        cfg = MoEConfig(hidden_size=8, intermediate_size=4, num_experts=2, top_k=1, num_shared_experts=1,
+                        activation=activation, backend="torch")
+    except (TypeError, ValueError):
+        return False
+    with torch.device("cpu"), torch.no_grad():
+        torch.manual_seed(0)
+        layer = MoELayer(cfg).eval()
+        x = torch.randn(6, 8) * 3
+        weights, indices = layer.gate(x)
+        shared = layer.shared_experts
+        expected = moe_ffn(x, weights, indices, layer.experts.gate_up_proj, layer.experts.down_proj, "loop",
+                           activation=activation)
+        expected = expected + shared.down_proj(act_fn(shared.gate_proj(x), activation) * shared.up_proj(x))
+        return bool(torch.allclose(layer(x), expected, atol=1e-5))
 

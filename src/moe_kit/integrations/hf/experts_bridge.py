@@ -5,13 +5,13 @@ by `@use_experts_implementation`, `fn(experts, hidden_states [N, D], top_k_index
 top_k_weights [N, k]) -> [N, D]`, the function registered under
 `config._experts_implementation`. `moe_kit_experts_forward` is that function: it runs the
 experts' own `gate_up_proj` [E, 2I, D] / `down_proj` [E, D, I] through `moe_kit.ops.moe_ffn`,
-with the DeepSeek-V4 clamp when the module has one. The layout is checked once per module
-(`layout.experts_swiglu_limit`); unsupported experts raise ValueError at `register(model)` or at
-their first forward.
+with the module's gated activation (silu, gelu, gelu_tanh, relu) and the DeepSeek-V4 clamp when
+it has one. The layout is checked once per module (`layout.experts_activation`); unsupported
+experts raise ValueError at `register(model)` or at their first forward.
 
-Under torch.compile the check runs eagerly (a graph break on a module's first call only); the
-experts themselves compile as MoELayer does (see the moe_kit.integrations docstring), plus one
-break for moe_ffn's expert-id range check (a host sync).
+Under torch.compile the check is `torch.compiler.assume_constant_result`: it runs eagerly while
+dynamo traces and its answer is a constant of the graph, so `fullgraph=True` holds (a refusal
+surfaces at trace time, the ValueError's message inside dynamo's error).
 """
 
 from __future__ import annotations
@@ -19,24 +19,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_kit.integrations.hf.layout import experts_swiglu_limit, is_hf_experts
+from moe_kit.integrations.hf.layout import experts_activation, is_hf_experts
 from moe_kit.ops import moe_ffn
 
 NAME = "moe_kit"
 _settings = {"backend": "auto"}
-_UNCHECKED = object()
 
 
-def _checked_limit(experts: nn.Module) -> float | None:
-    """experts_swiglu_limit, computed on the module's first call and kept on it."""
-    limit = getattr(experts, "_moe_kit_limit", _UNCHECKED)
-    return _check(experts) if limit is _UNCHECKED else limit
+def _checked(experts: nn.Module) -> tuple[str, float | None]:
+    """(activation, swiglu_limit) of `experts`, found on its first call and kept on it."""
+    activation = getattr(experts, "_moe_kit_activation", None)
+    if activation is None:
+        return _check(experts)
+    return activation, experts._moe_kit_limit
 
 
-@torch.compiler.disable
-def _check(experts: nn.Module) -> float | None:
-    experts._moe_kit_limit = experts_swiglu_limit(experts)
-    return experts._moe_kit_limit
+@torch.compiler.assume_constant_result
+def _check(experts: nn.Module) -> tuple[str, float | None]:
+    """layout.experts_activation, run eagerly even while torch.compile traces (its result is a
+    constant of the module, so the compiled graph has no break; a refusal is raised at trace time)."""
+    activation, limit = experts_activation(experts)
+    experts._moe_kit_limit = limit
+    experts._moe_kit_activation = activation
+    return activation, limit
 
 
 def moe_kit_experts_forward(
@@ -48,7 +53,7 @@ def moe_kit_experts_forward(
             f"the moe_kit experts implementation does not run transformers' expert parallelism "
             f"({type(self).__name__} has _is_expert_parallel=True); load the model without an EP plan"
         )
-    limit = _checked_limit(self)
+    activation, limit = _checked(self)
     dtype = hidden_states.dtype
     return moe_ffn(
         hidden_states,
@@ -58,6 +63,7 @@ def moe_kit_experts_forward(
         self.down_proj.to(dtype),
         _settings["backend"],
         swiglu_limit=limit,
+        activation=activation,
     )
 
 
@@ -81,7 +87,7 @@ def register(model: nn.Module | None = None, backend: str = "auto") -> None:
     for name, module in model.named_modules():
         if is_hf_experts(module):
             try:
-                _checked_limit(module)
+                _checked(module)
             except ValueError as error:
                 raise ValueError(f"{name}: {error}") from None
     model.set_experts_implementation(NAME)

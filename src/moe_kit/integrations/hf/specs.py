@@ -1,40 +1,118 @@
-"""The transformers sparse-MoE blocks `convert` knows: one row per model family.
+"""The transformers sparse-MoE blocks `convert` knows, and how their routers route.
 
-A row says where the block keeps its parts and how its router routes, in MoEConfig terms. The
-router, experts and shared-expert weights move by name (`state_keys`), so a new family whose
-block looks like these is one more row, not new code.
+Legend: N probe tokens, D model width, E experts, k experts per token.
+
+A block is expressible as a MoELayer when it is `router -> experts (+ shared expert, optionally
+behind a sigmoid gate)` and nothing else: `block_layout` reads that structure from the block's
+children (router `gate` / `router`, `experts`, `shared_expert(s)` / `shared_mlp`,
+`shared_expert_gate`, an expert-bias buffer the block hands to its router, a routed scaling
+factor the block applies itself) and names what does not fit. How the router routes is not
+written down per family: `probe_routing` runs a CPU copy of the router, with random weights, on
+random tokens and keeps the MoEConfig routing (score function, renormalization, scale, groups,
+expert bias) that reproduces its weights and experts exactly, refusing when none does. That
+needs no weights of the model itself, so meta-device models are converted the same way.
+
+VERIFIED lists the block classes whose forward has been read against this structure (and whose
+tiny models match eager in benchmarks/hf_coverage.py); convert refuses the others, naming them.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
-from moe_kit.config import SCORE_FUNCS
+from moe_kit.config import SCORE_FUNCS, MoEConfig
+from moe_kit.gates import TopKGate
+from moe_kit.integrations.hf.layout import is_hf_experts
+
+ROUTERS = ("gate", "router")
+SHARED = ("shared_expert", "shared_experts", "shared_mlp")
+SHARED_GATES = ("shared_expert_gate",)
+BLOCK_BIASES = ("e_score_correction_bias", "expert_bias")
+SCALE_WORDS = ("scaling_factor", "route_scale", "routed_scale")
 
 
 @dataclass(frozen=True)
 class BlockSpec:
     block: str  # class name of the transformers sparse-MoE block
-    routing: Callable[[nn.Module], dict]  # block -> MoEConfig routing fields (softmax/groups/bias/...)
-    shared: str | None = None  # attribute holding the shared-expert SwiGLU MLP
+    router: str = "gate"  # attribute holding the router
+    shared: str | None = None  # attribute holding the shared-expert gated MLP
     shared_gate: str | None = None  # attribute holding the Qwen2-MoE sigmoid gate nn.Linear(D, 1)
-    takes_layer_idx: bool = False  # the block is built as cls(config, layer_idx), else cls(config)
+    block_bias: str | None = None  # expert-bias buffer kept on the block and passed to the router
+    block_scale: str | None = None  # attribute of a factor the block multiplies the routed output by
+    routing: Callable[[nn.Module], dict] | None = None  # explicit routing (hash layers); None: probed
+    extra: tuple[str, ...] = field(default=())  # notes (for the coverage table)
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def block_layout(block: nn.Module) -> BlockSpec:
+    """The BlockSpec read from a block's children; ValueError naming what MoELayer cannot hold."""
+    name = type(block).__name__
+    experts = getattr(block, "experts", None)
+    if not is_hf_experts(experts):
+        raise ValueError(f"{name} keeps no transformers experts module under .experts")
+    routers = [r for r in ROUTERS if isinstance(getattr(block, r, None), nn.Module)]
+    if len(routers) != 1:
+        raise ValueError(f"{name} has no single router child named {' or '.join(ROUTERS)}")
+    shared = [s for s in SHARED if isinstance(getattr(block, s, None), nn.Module)]
+    gates = [g for g in SHARED_GATES if isinstance(getattr(block, g, None), nn.Linear)]
+    known = {"experts", routers[0], *shared, *gates}
+    others = sorted(n for n, child in block.named_children() if n not in known and _has_state(child))
+    if others:
+        raise ValueError(f"{name} runs {others} around its router and experts; MoELayer has no place for them")
+    if len(shared) > 1:
+        raise ValueError(f"{name} has several shared-expert modules {shared}")
+    direct = [n for n, _ in block.named_parameters(recurse=False)] + [n for n, _ in block.named_buffers(recurse=False)]
+    biases = [n for n in direct if n in BLOCK_BIASES]
+    if sorted(direct) != sorted(biases) or len(biases) > 1:
+        raise ValueError(f"{name} holds tensors {sorted(direct)} of its own that MoELayer has no place for")
+    if biases and getattr(block, "use_expert_bias", True) is False:
+        biases = []  # LFM2-MoE without expert bias: the buffer exists but is never used
+    scales = [n for n, v in vars(block).items() if any(w in n for w in SCALE_WORDS) and isinstance(v, (int, float))]
+    params = inspect.signature(type(block).forward).parameters
+    if len([p for p in params.values() if p.default is inspect.Parameter.empty]) > 2:
+        raise ValueError(f"{name}.forward takes more inputs than the hidden states ({list(params)[1:]})")
+    return BlockSpec(
+        block=name,
+        router=routers[0],
+        shared=shared[0] if shared else None,
+        shared_gate=gates[0] if gates else None,
+        block_bias=biases[0] if biases else None,
+        block_scale=scales[0] if len(scales) == 1 else None,
+    )
+
+
+def _has_state(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
 def state_keys(spec: BlockSpec, block: nn.Module) -> dict[str, str]:
-    """{transformers block state key: MoELayer state key} for one block of this family."""
-    keys = {
-        "gate.weight": "gate.weight",
-        "experts.gate_up_proj": "experts.gate_up_proj",
-        "experts.down_proj": "experts.down_proj",
-    }
-    if hasattr(block.gate, "e_score_correction_bias"):  # DeepSeek noaux_tc bias: selection only
-        keys["gate.e_score_correction_bias"] = "gate.bias"
-    if hasattr(block.gate, "tid2eid"):  # DeepSeek-V4 hash layer: token id -> experts table
-        keys["gate.tid2eid"] = "gate.tid2eid"
+    """{transformers block state key: MoELayer state key} for one block."""
+    keys = {"experts.gate_up_proj": "experts.gate_up_proj", "experts.down_proj": "experts.down_proj"}
+    router = getattr(block, spec.router)
+    num_experts, hidden = block.experts.gate_up_proj.shape[0], block.experts.gate_up_proj.shape[2]
+    for key, tensor in router.state_dict(keep_vars=True).items():
+        leaf = key.rpartition(".")[2]
+        if tuple(tensor.shape) == (num_experts, hidden):
+            target = "gate.weight"
+        elif leaf in BLOCK_BIASES:
+            target = "gate.expert_bias"
+        elif leaf == "tid2eid":
+            target = "gate.tid2eid"
+        elif leaf == "bias" and tuple(tensor.shape) == (num_experts,):
+            target = "gate.bias"  # the router linear's own bias (MoEConfig.router_bias)
+        else:
+            raise ValueError(f"no place in MoELayer for the router's {key} {tuple(tensor.shape)}")
+        keys[f"{spec.router}.{key}"] = target
+    if spec.block_bias:
+        keys[spec.block_bias] = "gate.expert_bias"
     if spec.shared:
         for part in ("gate_proj", "up_proj", "down_proj"):
             keys[f"{spec.shared}.{part}.weight"] = f"shared_experts.{part}.weight"
@@ -43,64 +121,180 @@ def state_keys(spec: BlockSpec, block: nn.Module) -> dict[str, str]:
     return keys
 
 
-# ----------------------------------------------------------------------------- routing of each family
+# ----------------------------------------------------------------------------- routing
 
 
-def _softmax_topk(block: nn.Module) -> dict:
-    """Qwen2-MoE, Qwen3-MoE, OLMoE: softmax over all experts, top-k, renormalized iff norm_topk_prob."""
-    return dict(score_func="softmax", norm_topk_prob=bool(block.gate.norm_topk_prob))
+def probe_routing(block: nn.Module, spec: BlockSpec) -> dict:
+    """MoEConfig routing fields under which a TopKGate reproduces the block's router exactly.
 
-
-def _mixtral(block: nn.Module) -> dict:
-    """Mixtral: softmax over all experts, top-k, always renormalized (= softmax of the top-k logits)."""
-    if getattr(block, "jitter_noise", 0) > 0:
-        raise ValueError(
-            f"router_jitter_noise={block.jitter_noise}: MoELayer has no router jitter; set it to 0 before converting"
-        )
-    return dict(score_func="softmax", norm_topk_prob=True)
-
-
-def _deepseek_v3(block: nn.Module) -> dict:
-    """DeepSeek-V3: sigmoid, e_score_correction_bias steers selection, group-limited (top-2 sum per
-    group), renormalized iff norm_topk_prob, times routed_scaling_factor."""
-    gate = block.gate
-    return dict(
-        score_func="sigmoid",
-        expert_bias=True,
-        n_groups=int(gate.num_group),
-        topk_groups=int(gate.topk_group),
-        norm_topk_prob=bool(gate.norm_topk_prob),
-        route_scale=float(gate.routed_scaling_factor),
+    The router is copied to the CPU in fp32 with random weights (and a random expert bias / router
+    bias); candidates come from its attributes (top_k, groups, scaling factors) and the score
+    functions moe_kit has. Train and eval mode must both match (a router with noise in training
+    matches neither)."""
+    router = getattr(block, spec.router)
+    num_experts, _, hidden = block.experts.gate_up_proj.shape
+    top_k = _top_k(router, block)
+    keys = state_keys(spec, block)
+    has_bias = "gate.expert_bias" in keys.values()
+    router_bias = "gate.bias" in keys.values()
+    probe = _cpu_copy(router)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    state = {}
+    with torch.no_grad():
+        for key, tensor in probe.state_dict(keep_vars=True).items():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * (0.1 if tensor.dim() == 1 else 1.0))
+                state[keys[f"{spec.router}.{key}"]] = tensor.detach().clone()
+    bias = None
+    if spec.block_bias:
+        bias = torch.randn(num_experts, generator=generator) * 0.1
+        state["gate.expert_bias"] = bias
+    x = torch.randn(96, hidden, generator=generator)
+    outputs = {mode: _route(probe.train(mode), x, bias, top_k) for mode in (False, True)}
+    for routing in _candidates(router, block, spec, has_bias, num_experts):
+        cfg = MoEConfig(hidden_size=hidden, intermediate_size=1, num_experts=num_experts, top_k=top_k,
+                        router_bias=router_bias, **routing)
+        with torch.device("cpu"):
+            gate = TopKGate(cfg)
+        gate.load_state_dict(state, strict=False)
+        if all(_same_routing(gate.train(mode), x, *outputs[mode]) for mode in outputs):
+            return routing
+    raise ValueError(
+        f"its router {type(router).__name__} routes in a way MoEConfig cannot express (tried score functions "
+        f"{SCORE_FUNCS}, with and without renormalization, scaling and group limits)"
     )
 
 
-def _deepseek_v4(block: nn.Module) -> dict:
-    """DeepSeek-V4: config.scoring_func (sqrtsoftplus), always renormalized, times
-    routed_scaling_factor; hash layers pick experts by tid2eid[input_ids], the others by score + bias."""
+def _top_k(router: nn.Module, block: nn.Module) -> int:
+    for owner in (router, block):
+        for attr in ("top_k", "topk", "num_experts_per_tok", "moe_topk"):
+            value = getattr(owner, attr, None)
+            if isinstance(value, int):
+                return value
+    raise ValueError(f"cannot find top_k on {type(router).__name__}")
+
+
+def _cpu_copy(router: nn.Module) -> nn.Module:
+    """A float32 CPU copy of the router (its tensors' values are overwritten by the probe)."""
+    meta = any(t.is_meta for t in list(router.parameters()) + list(router.buffers()))
+    if meta:
+        probe = copy.deepcopy(router).to_empty(device="cpu")
+    else:
+        probe = copy.deepcopy(router).cpu()
+    return probe.float()
+
+
+def _route(router: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, top_k: int):
+    """(weights [N, k], indices [N, k]) of a router call, sorted by expert id per token."""
+    with torch.no_grad():
+        torch.manual_seed(0)
+        out = router(x) if bias is None else router(x, bias)
+    if not isinstance(out, tuple):
+        raise ValueError(f"its router {type(router).__name__} does not return (logits, weights, indices)")
+    ints = [t for t in out if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() == 2]
+    floats = [t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape == (len(x), top_k)]
+    if len(out) != 3 or len(ints) != 1 or len(floats) != 1:
+        raise ValueError(
+            f"its router {type(router).__name__} returns {len(out)} values, not (logits, weights, indices)"
+        )
+    return _sorted(floats[0].float(), ints[0].long())
+
+
+def _sorted(weights: torch.Tensor, indices: torch.Tensor):
+    order = indices.argsort(dim=-1)
+    return weights.gather(1, order), indices.gather(1, order)
+
+
+def _same_routing(gate: TopKGate, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> bool:
+    with torch.no_grad():
+        got_weights, got_indices = _sorted(*gate(x))
+    return torch.equal(got_indices, indices) and torch.allclose(got_weights, weights, rtol=1e-5, atol=1e-6)
+
+
+def _candidates(router: nn.Module, block: nn.Module, spec: BlockSpec, has_bias: bool, num_experts: int):
+    """Routing dicts to try, most specific first."""
+    scales = [1.0]
+    for owner in (router, block):
+        for attr, value in vars(owner).items():
+            if any(w in attr for w in SCALE_WORDS) and isinstance(value, (int, float)) and value not in scales:
+                scales.insert(0, float(value))
+    groups = [(1, 1)]
+    n_group = next((getattr(router, a) for a in ("num_group", "n_group", "n_groups") if hasattr(router, a)), None)
+    topk_group = getattr(router, "topk_group", None)
+    if isinstance(n_group, int) and isinstance(topk_group, int) and n_group > 1 and num_experts % n_group == 0:
+        groups.insert(0, (n_group, topk_group))
+    for score_func in SCORE_FUNCS:
+        for norm in (True, False):
+            for scale in scales:
+                for n_groups, topk_groups in groups:
+                    yield dict(score_func=score_func, norm_topk_prob=norm, route_scale=scale, expert_bias=has_bias,
+                               n_groups=n_groups, topk_groups=topk_groups)
+
+
+# ----------------------------------------------------------------------------- explicit rows
+
+
+def _deepseek_v4(block: nn.Module) -> dict | None:
+    """DeepSeek-V4 hash layers pick experts by tid2eid[input_ids] (probed routing for the others)."""
+    if not block.is_hash:
+        return None
     gate = block.gate
     score_func = block.experts.config.scoring_func
     if score_func not in SCORE_FUNCS:
         raise ValueError(f"DeepSeek-V4 scoring_func {score_func!r} is not one of moe_kit's {SCORE_FUNCS}")
-    routing = dict(score_func=score_func, norm_topk_prob=True, route_scale=float(gate.routed_scaling_factor))
-    if block.is_hash:
-        return dict(routing, hash_routing=True, vocab_size=int(gate.tid2eid.shape[0]))
-    return dict(routing, expert_bias=True)
+    return dict(score_func=score_func, norm_topk_prob=True, route_scale=float(gate.routed_scaling_factor),
+                hash_routing=True, vocab_size=int(gate.tid2eid.shape[0]))
 
 
-SPECS: dict[str, BlockSpec] = {
-    spec.block: spec
-    for spec in (
-        BlockSpec("Qwen3MoeSparseMoeBlock", _softmax_topk),
-        BlockSpec("Qwen2MoeSparseMoeBlock", _softmax_topk, shared="shared_expert", shared_gate="shared_expert_gate"),
-        BlockSpec("OlmoeSparseMoeBlock", _softmax_topk),
-        BlockSpec("MixtralSparseMoeBlock", _mixtral),
-        BlockSpec("DeepseekV3MoE", _deepseek_v3, shared="shared_experts"),
-        BlockSpec("DeepseekV4SparseMoeBlock", _deepseek_v4, shared="shared_experts", takes_layer_idx=True),
-    )
-}
+def check_block(block: nn.Module) -> None:
+    """Block settings that change the function in ways MoELayer does not have."""
+    for attr in ("jitter_noise", "input_jitter_noise"):
+        value = getattr(block, attr, 0) or 0
+        if value > 0:
+            raise ValueError(
+                f"{attr}={value} (router_jitter_noise) scales the experts' input too; MoELayer's jitter_eps "
+                "touches the router only: set it to 0 before converting"
+            )
+    strategy = getattr(block, "shared_expert_combination_strategy", "sum")
+    if strategy != "sum":
+        raise ValueError(f"shared_expert_combination_strategy={strategy!r}: MoELayer adds the shared expert")
 
 
-def spec_of(module: nn.Module) -> BlockSpec | None:
-    """The row for a transformers block, None for any other module."""
+# Block classes whose forward is `router -> experts (+ shared expert)` as block_layout reads it.
+VERIFIED = (
+    # Qwen-shaped: softmax top-k router, optional shared expert behind a sigmoid gate
+    "Qwen3MoeSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3NextSparseMoeBlock", "Qwen3_5MoeSparseMoeBlock",
+    "Qwen3VLMoeTextSparseMoeBlock", "Qwen3OmniMoeThinkerTextSparseMoeBlock", "Qwen3OmniMoeTalkerTextSparseMoeBlock",
+    "Qwen4ExpTextSparseMoeBlock", "OlmoeSparseMoeBlock", "FlexOlmoSparseMoeBlock", "MellumSparseMoeBlock",
+    "Inkling2SparseMoeBlock", "Inkling2LoopSparseMoeBlock", "FlintSparseMoeBlock", "LaraMiniSparseMoeBlock",
+    # Mixtral-shaped: softmax of the top-k logits, jitter on the block
+    "MixtralSparseMoeBlock", "MiniMaxSparseMoeBlock", "PhimoeSparseMoeBlock", "JambaSparseMoeBlock",
+    "GraniteMoeMoE", "GraniteMoeSWAMoE", "GraniteMoeHybridMoE", "GraniteMoeSharedMoE", "AriaTextMoELayer",
+    "HunYuanMoEV1Moe", "Cohere2MoeSparseMoeBlock",
+    # DeepSeek-shaped: sigmoid / softmax scores, expert bias, groups, routed scaling, shared experts
+    "DeepseekV2Moe", "DeepseekV3MoE", "DeepseekV32MoE", "DeepseekV4SparseMoeBlock", "DeepseekOcr2TextMoe",
+    "Dots1MoE", "Dots3NoteTextMoE", "Glm4MoeMoE", "Glm4MoeLiteMoE", "Glm4vMoeTextMoE", "Glm5NextTextMoE",
+    "GlmMoeDsaMoE", "Mistral4MoE", "MistralLarge4TextMoE", "ExaoneMoeSparseMoEBlock", "KimiLinearMoE",
+    "BailingHybridMoE", "AXK2MoE", "SolarOpenMoE", "UnlimitedOcrTextMoe", "HYV4MoE", "HYV4VLMoE", "BeamMoE",
+    "Kolibri1SparseMoeBlock", "LagunaSparseMoeBlock", "MiniMaxM3VLSparseMoeBlock", "MiMoV2FlashMoE",
+    "Ernie4_5_MoeSparseMoeBlock",
+    # expert bias on the block, handed to the router
+    "HYV3MoE", "MiniMaxM2SparseMoeBlock", "Lfm2MoeSparseMoeBlock", "AfmoeSparseMoeBlock",
+)
+EXPLICIT = {"DeepseekV4SparseMoeBlock": _deepseek_v4}
+
+
+def spec_of(module: nn.Module, verified_only: bool = True) -> BlockSpec | None:
+    """The BlockSpec of a transformers sparse-MoE block (read by block_layout), None for any other
+    module; ValueError for a MoE block it cannot express or one not in VERIFIED."""
     cls = type(module)
-    return SPECS.get(cls.__name__) if cls.__module__.startswith("transformers.") else None
+    if not cls.__module__.startswith("transformers.") or not is_hf_experts(getattr(module, "experts", None)):
+        return None
+    spec = block_layout(module)
+    if verified_only and spec.block not in VERIFIED:
+        raise ValueError(f"{spec.block} is not among the blocks convert has checked (specs.VERIFIED)")
+    explicit = EXPLICIT.get(spec.block)
+    return spec if explicit is None else BlockSpec(**{**spec.__dict__, "routing": explicit})
+
+
+SPECS = VERIFIED  # kept for `from moe_kit.integrations.hf import SPECS`: the block classes convert knows

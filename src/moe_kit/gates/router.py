@@ -1,0 +1,215 @@
+"""Router: what every gate shares — the router linear, fp32 logits, weight normalization, losses.
+
+Legend: N tokens, D model width, E experts, k experts per token, B sequences of S tokens.
+Router math runs in cfg.router_dtype (fp32 by default) whatever the model dtype, and outside
+torch.autocast (autocast would run the router linear in bf16 and change which experts win).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+from moe_kit.balancing import SUM_FLOOR, attach_loss, global_batch_aux_loss, is_recomputing, switch_aux_loss, z_loss
+from moe_kit.config import MoEConfig
+from moe_kit.group_balancing import group_balancing_losses
+from moe_kit.stats import score_entropy
+
+
+def autocast_off(device_type: str):
+    """A context that switches torch.autocast off for `device_type` (a no-op where autocast does not exist)."""
+    available = getattr(torch.amp, "is_autocast_available", None)
+    if available is not None and not available(device_type):
+        return contextlib.nullcontext()
+    if available is None and device_type not in ("cpu", "cuda", "xpu", "mps", "hpu"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def flat_token_mask(token_mask, batch_shape: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
+    """Validate `token_mask` (bool or 0/1 numbers, shape = x's leading shape) -> bool [N] or None."""
+    if token_mask is None:
+        return None
+    if not isinstance(token_mask, torch.Tensor):
+        raise TypeError(f"token_mask must be a torch.Tensor (bool or 0/1), got {type(token_mask).__name__}")
+    if tuple(token_mask.shape) != tuple(batch_shape):
+        raise ValueError(
+            f"token_mask shape {tuple(token_mask.shape)} must equal x's leading shape {tuple(batch_shape)}"
+        )
+    mask = token_mask.reshape(-1).to(device)
+    if mask.dtype != torch.bool:
+        if mask.is_complex():
+            raise TypeError(f"token_mask must be bool or real 0/1 numbers, got {mask.dtype}")
+        eager = not (torch.compiler.is_compiling() or mask.is_meta)
+        if eager and mask.numel() and bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("token_mask must hold only 0 and 1 (or be bool): True / 1 marks a real token")
+        mask = mask != 0
+    return mask
+
+
+class Router(nn.Module):
+    """Shared by every gate: `weight` [E, D], optional `bias` [E] (cfg.router_bias), the scores'
+    weight normalization and the balancing losses.
+
+    Losses (cfg.aux_loss_coef / z_loss_coef > 0) are computed in the router dtype; their detached
+    values, coefficient applied, are `aux_loss` / `z_loss`. With cfg.loss_mode "attach" they reach
+    the backward through the routing weights (times `loss_scale`); with "return" the differentiable
+    total is kept in `balancing_term` for moe_kit.balancing_loss(model).
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        if not isinstance(cfg, MoEConfig):
+            raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
+        self.cfg = cfg.frozen_copy()  # later edits of the caller's config cannot change this gate
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.top_k
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        if cfg.router_bias:  # the router linear's own bias (gpt-oss, Megatron add_bias_linear): trained
+            self.bias = nn.Parameter(torch.empty(cfg.num_experts))
+        else:
+            self.register_parameter("bias", None)
+        self.loss_scale: float | torch.Tensor = 1.0  # multiplies attached loss gradients (set_aux_loss_scale)
+        self.aux_loss: torch.Tensor | None = None  # coef * Switch aux loss of the last forward (detached)
+        self.z_loss: torch.Tensor | None = None  # coef * z-loss of the last forward (detached)
+        self.balancing_term: torch.Tensor | None = None  # loss_mode "return": differentiable total
+        # aux_loss_type "global_batch": float64 [E + 1] routed slots per expert (+ total) this step, or None
+        self.global_batch_counts: torch.Tensor | None = None
+        self.process_group = None  # set by MoELayer(ep_group=...): losses use the group's statistics
+        self.track_entropy = False  # set by moe_kit.stats.RoutingMonitor
+        self.entropy: torch.Tensor | None = None  # detached mean router entropy of the last forward, if tracked
+        self._reset_router()
+
+    def _reset_router(self) -> None:
+        if self.weight.is_meta:
+            return
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)  # an unbiased router at init (Megatron zeroes its router bias)
+
+    def reset_parameters(self) -> None:
+        """(Re)initialize everything this gate owns, e.g. after `to_empty()` of a meta-built model."""
+        self._reset_router()
+
+    # ------------------------------------------------------------------------- forward pieces
+
+    def _flat_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"router input must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+        if x.dim() == 0 or x.shape[-1] != self.cfg.hidden_size:
+            raise ValueError(f"router input must be [..., {self.cfg.hidden_size}], got shape {tuple(x.shape)}")
+        return x.reshape(-1, self.cfg.hidden_size)
+
+    def _logits(self, x_flat: torch.Tensor) -> torch.Tensor:
+        """[N, D] -> [N, E] logits in the router dtype, with jitter noise in training (cfg.jitter_eps)."""
+        dtype = self.cfg.router_dtype
+        with autocast_off(x_flat.device.type):
+            x_router = x_flat.to(dtype)
+            if self.training and self.cfg.jitter_eps > 0:  # Switch / Megatron: x * U(1 - eps, 1 + eps)
+                eps = self.cfg.jitter_eps
+                x_router = x_router * torch.empty_like(x_router).uniform_(1.0 - eps, 1.0 + eps)
+            bias = None if self.bias is None else self.bias.to(dtype)
+            return torch.nn.functional.linear(x_router, self.weight.to(dtype), bias)
+
+    def _finish_weights(self, scores, indices, logits, batch_shape, mask=None, aux_indices=None) -> torch.Tensor:
+        """Gather the unbiased scores of the chosen experts, normalize, scale, compute the losses.
+
+        scores/logits [N, E], indices [N, k], mask bool [N] or None (False = padding, ignored by
+        the losses and the entropy), aux_indices [N, k]: the experts the aux loss counts (default:
+        the plain top-k of the unbiased scores). Returns the routing weights [N, k] in the router dtype.
+        """
+        if self.track_entropy:
+            self.entropy = score_entropy(scores if mask is None else scores[mask])
+        weights = scores.gather(1, indices)  # [N, k]
+        if self.cfg.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(SUM_FLOOR)  # finite grad at underflow
+        weights = weights * self.cfg.route_scale
+        total = self._balancing_losses(scores, logits, batch_shape, mask, aux_indices)
+        self.balancing_term = None
+        if total is None or not torch.is_grad_enabled():
+            return weights
+        if self.cfg.loss_mode == "return":
+            self.balancing_term = total
+            return weights
+        return attach_loss(weights, total, self.loss_scale)
+
+    def _balancing_losses(self, scores, logits, batch_shape, mask, aux_indices=None) -> torch.Tensor | None:
+        """Set `aux_loss` / `z_loss` (detached values) and return their differentiable sum (or None).
+
+        A score router's aux loss counts the plain top-k of the unbiased scores over all experts
+        (Megatron's compute_routing_scores_for_aux_loss, DeepSeek-V3's sequence-wise loss), not the
+        biased or group-limited selection; a hash router passes its table's experts instead.
+        Several aux types (cfg.aux_losses) add up, each times its own coefficient.
+        """
+        self.aux_loss = self.z_loss = None
+        cfg = self.cfg
+        pairs = cfg.aux_losses  # ((aux_loss_type, coef), ...) with coef > 0
+        if not pairs and cfg.z_loss_coef <= 0:
+            return None
+        if aux_indices is None:
+            aux_indices = scores.detach().topk(self.top_k, dim=-1).indices  # [N, k]
+        if self.process_group is not None:  # expert parallel: every rank joins, even with no tokens
+            self.aux_loss, self.z_loss, total = group_balancing_losses(
+                cfg, scores, aux_indices, logits, batch_shape, self.process_group, mask
+            )
+            return total
+        if scores.shape[0] == 0:  # no tokens: nothing to balance
+            return None
+        total = None
+        for kind, coef in pairs:
+            if kind == "global_batch":
+                share = self._global_batch_share(aux_indices, mask)
+                aux = coef * global_batch_aux_loss(scores, share, mask)
+            else:
+                aux = coef * switch_aux_loss(scores, aux_indices, self.num_experts, kind, batch_shape, mask)
+            total = aux if total is None else total + aux
+        if total is not None:
+            self.aux_loss = total.detach()
+        if cfg.z_loss_coef > 0:
+            z = cfg.z_loss_coef * z_loss(logits, mask)
+            self.z_loss = z.detach()
+            total = z if total is None else total + z
+        return total
+
+    @torch.no_grad()
+    def _global_batch_share(self, aux_indices: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """f [E] of aux_loss_type "global_batch" (Megatron's global_aux_loss): the share of routed
+        slots per expert over every micro-batch of this optimizer step and every rank.
+
+        A training forward all-reduces its counts over the default process group (when
+        torch.distributed is initialized) and adds them to `global_batch_counts`; update_expert_bias
+        (after optimizer.step()) starts the next step. Eval forwards and activation-checkpoint
+        recomputes read the counts without adding (a recompute must see the f of its forward).
+        """
+        real = torch.ones_like(aux_indices, dtype=torch.float64)
+        if mask is not None:
+            real = real * mask.unsqueeze(1).to(real.dtype)
+        counts = torch.zeros(self.num_experts + 1, dtype=torch.float64, device=aux_indices.device)
+        counts[: self.num_experts].scatter_add_(0, aux_indices.reshape(-1), real.reshape(-1))
+        counts[self.num_experts] = real.sum()  # routed slots, for the denominator
+        accumulate = self.training and not torch.is_inference_mode_enabled()
+        accumulate = accumulate and (torch.compiler.is_compiling() or not is_recomputing())
+        if not accumulate:
+            if self.global_batch_counts is not None and float(self.global_batch_counts[-1]) > 0:
+                counts = self.global_batch_counts.to(counts.device)
+            return counts[:-1] / counts[-1].clamp_min(1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        if self.global_batch_counts is None or self.global_batch_counts.device != counts.device:
+            self.global_batch_counts = torch.zeros_like(counts)
+        self.global_batch_counts += counts
+        return self.global_batch_counts[:-1] / self.global_batch_counts[-1].clamp_min(1)
+
+    def reset_global_batch(self) -> None:
+        """Start a new optimizer step for aux_loss_type "global_batch" (called by update_expert_bias)."""
+        self.global_batch_counts = None
+
+    def _check_sequence_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        if any(kind == "sequence" for kind, _ in self.cfg.aux_losses) and x.dim() != 3:
+            raise ValueError(
+                f"aux_loss_type='sequence' needs input shaped [B, S, D], got shape {tuple(x.shape)}"
+            )
+        return tuple(x.shape[:-1])
