@@ -415,3 +415,117 @@ def test_expert_bias_balances_skewed_router():
     # the bias pushed the two hot experts down and the others up, within the clamp
     assert (gate.expert_bias[:2] < 0).all() and (gate.expert_bias[2:] > gate.expert_bias[:2].max()).all()
     assert gate.expert_bias.abs().max() <= gate.cfg.bias_max
+
+
+# ----------------------------------------------------------------------------- issue 11: exact to the references
+
+
+def ref_group_limited_choice(scores, bias, n_groups, topk_groups, k):
+    """DeepSeek-V3's Gate, one token at a time: groups by the sum of their top-2 biased scores."""
+    chosen = []
+    for row in scores:
+        c = row + bias
+        groups = c.view(n_groups, -1)
+        group_score = groups.sort(descending=True).values[:, :2].sum(-1)
+        keep = group_score.argsort(descending=True)[:topk_groups].tolist()
+        allowed = torch.full_like(c, float("-inf")).view(n_groups, -1)
+        for g in keep:
+            allowed[g] = groups[g]
+        chosen.append(allowed.view(-1).argsort(descending=True)[:k])
+    return torch.stack(chosen)
+
+
+@given(
+    seed=st.integers(0, 10_000),
+    k=st.integers(1, 4),
+    kind=st.sampled_from(["global", "sequence"]),
+    score_func=st.sampled_from(SCORE_FUNCS),
+)
+@HYP
+def test_aux_counts_unbiased_topk_with_bias_and_groups(seed, k, kind, score_func):
+    """Megatron (compute_routing_scores_for_aux_loss) and DeepSeek-V3's sequence-wise loss count
+    the plain top-k of the unbiased scores over all experts, not the biased group-limited choice."""
+    cfg = make_cfg(num_experts=8, top_k=k, score_func=score_func, expert_bias=True, n_groups=4, topk_groups=2,
+                   aux_loss_coef=0.5, aux_loss_type=kind)
+    gate = make_gate(cfg, seed)
+    with torch.no_grad():
+        gate.expert_bias.copy_(torch.randn(8, generator=torch.Generator().manual_seed(seed)) * 0.5)
+    x = torch.randn(2, 6, cfg.hidden_size, generator=torch.Generator().manual_seed(seed + 1))
+    _, idx = gate(x)
+    s = ref_scores(x.reshape(-1, cfg.hidden_size) @ gate.weight.detach().T, score_func)
+    assert torch.equal(idx, ref_group_limited_choice(s, gate.expert_bias, 4, 2, k))
+    plain = s.argsort(dim=-1, descending=True)[:, :k]
+    expected = ref_aux(s, plain, 8) if kind == "global" else ref_aux_sequence(s, plain, 8, 2, 6)
+    torch.testing.assert_close(gate.aux_loss, 0.5 * expected, rtol=1e-5, atol=1e-7)
+
+
+def test_aux_loss_types_combine_with_their_own_coefficients():
+    """Megatron's list form: moe_router_load_balancing_type=[...] with one coefficient each."""
+    both = make_cfg(num_experts=6, top_k=2, aux_loss_type=("global", "sequence"), aux_loss_coef=(0.3, 0.05))
+    gate = make_gate(both, 3)
+    x = torch.randn(3, 5, both.hidden_size)
+    gate(x)
+    s = torch.softmax(x.reshape(-1, both.hidden_size) @ gate.weight.detach().T, -1)
+    plain = s.argsort(dim=-1, descending=True)[:, :2]
+    expected = 0.3 * ref_aux(s, plain, 6) + 0.05 * ref_aux_sequence(s, plain, 6, 3, 5)
+    torch.testing.assert_close(gate.aux_loss, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_global_batch_aux_counts_every_micro_batch_of_the_step():
+    """aux_loss_type="global_batch" (Megatron's global_aux_loss): f from the slots of all micro-batches
+    so far in this optimizer step, P from the current micro-batch; update_expert_bias starts a new step."""
+    cfg = make_cfg(num_experts=6, top_k=2, aux_loss_type="global_batch", aux_loss_coef=1.0)
+    gate = make_gate(cfg, 5).train()
+    micro = [torch.randn(7, cfg.hidden_size, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    seen = torch.zeros(6)
+    for step_start in (True, False):
+        for m, x in enumerate(micro):
+            gate.weight.grad = None
+            weights, _ = gate(x)
+            s = torch.softmax(x @ gate.weight.detach().T, -1)
+            plain = s.argsort(dim=-1, descending=True)[:, :2]
+            seen += torch.bincount(plain.reshape(-1), minlength=6).float()
+            f = seen / ((m + 1) * 7 * 2)
+            expected = 6 * (f * (s / s.sum(-1, keepdim=True)).mean(0)).sum()
+            torch.testing.assert_close(gate.aux_loss, expected, rtol=1e-6, atol=1e-7)
+            # the attached gradient is that of E * sum f_i P_i with f constant
+            weights.sum().mul(0).backward()
+            w = gate.weight.detach().clone().requires_grad_(True)
+            p = torch.softmax(x @ w.T, -1)
+            (6 * (f * p.mean(0)).sum()).backward()
+            torch.testing.assert_close(gate.weight.grad, w.grad, rtol=1e-5, atol=1e-7)
+        moe_kit.update_expert_bias(gate)  # a new optimizer step: counts start again
+        assert gate.global_batch_counts is None
+        seen.zero_()
+        assert step_start in (True, False)
+
+
+def test_global_batch_aux_counts_are_not_added_by_eval_or_checkpoint_recompute():
+    cfg = make_cfg(num_experts=6, top_k=2, aux_loss_type="global_batch", aux_loss_coef=1.0)
+    gate = make_gate(cfg, 6).train()
+    x = torch.randn(9, cfg.hidden_size, requires_grad=True)
+    out = torch.utils.checkpoint.checkpoint(lambda t: gate(t)[0], x, use_reentrant=False)
+    after_forward = gate.global_batch_counts.clone()
+    out.sum().backward()
+    assert torch.equal(gate.global_batch_counts, after_forward)  # the recompute read, did not add
+    gate.eval()
+    gate(x)
+    assert torch.equal(gate.global_batch_counts, after_forward)
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.3])
+def test_router_jitter_multiplies_the_router_input_in_training_only(eps):
+    """Switch / Megatron jitter: router input x * U(1 - eps, 1 + eps), fresh noise per forward, no
+    noise in eval."""
+    cfg = make_cfg(num_experts=6, top_k=2, jitter_eps=eps)
+    gate = make_gate(cfg, 7).train()
+    x = torch.randn(40, cfg.hidden_size)
+    torch.manual_seed(123)
+    w_train, _ = gate(x)
+    torch.manual_seed(123)
+    noise = torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
+    ref = torch.softmax((x * noise) @ gate.weight.detach().T, -1).topk(2, dim=-1).values  # softmax: no renorm
+    torch.testing.assert_close(w_train, ref)
+    assert not torch.allclose(w_train, gate.eval()(x)[0])
+    clean = torch.softmax(x @ gate.weight.detach().T, -1).topk(2, dim=-1).values
+    torch.testing.assert_close(gate(x)[0], clean)

@@ -410,3 +410,489 @@ def test_underflowing_token_gives_finite_router_gradient_expert_parallel(spawned
     for result in results:
         assert torch.isfinite(result[score_func]["grad"]).all()
         assert math.isfinite(result[score_func]["aux"])
+
+
+# ----------------------------------------------------------------------------- GradScaler
+
+
+def layer_and_batches(**overrides):
+    """A layer with large balancing losses (so a lost aux / z gradient shows) and 2 micro-batches."""
+    torch.manual_seed(0)
+    settings = dict(aux_loss_coef=0.5, z_loss_coef=0.05, expert_bias=True, num_shared_experts=1)
+    settings.update(overrides)
+    layer = MoELayer(make_cfg(**settings))
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(2, 6, D, generator=gen), 0.1 * torch.randn(2, 6, D, generator=gen)) for _ in range(2)]
+    return layer, batches
+
+
+def fp32_grads(accum: int = 2) -> dict[str, torch.Tensor]:
+    """Reference: fp32, no scaler, main loss / accum, attached losses scaled 1 / accum."""
+    layer, batches = layer_and_batches()
+    moe_kit.set_aux_loss_scale(layer, 1.0 / accum)
+    for x, cot in batches:
+        ((layer(x) * cot).sum() / accum).backward()
+    return grads_of(layer)
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [pytest.param("attach-float", id="attach-float-scale"), pytest.param("attach-tensor", id="attach-tensor-scale"),
+     pytest.param("return", id="return-balancing_loss")],
+)
+def test_gradscaler_recipe_matches_fp32(mode):
+    """torch.amp.GradScaler (scale 2**16, 2 accumulation steps): after scaler.unscale_ every gradient,
+    the router's included, equals the unscaled fp32 run's, in both loss modes."""
+    accum = 2
+    want = fp32_grads(accum)
+    layer, batches = layer_and_batches(loss_mode="return" if mode == "return" else "attach")
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=1000)
+    for x, cot in batches:
+        loss = (layer(x) * cot).sum()
+        if mode == "return":
+            loss = loss + moe_kit.balancing_loss(layer)
+        elif mode == "attach-float":
+            moe_kit.set_aux_loss_scale(layer, scaler.get_scale() / accum)
+        else:
+            moe_kit.set_aux_loss_scale(layer, torch.tensor(scaler.get_scale() / accum))
+        scaler.scale(loss / accum).backward()
+    scaler.unscale_(opt)
+    for name, grad in want.items():
+        assert rel_err(dict(layer.named_parameters())[name].grad, grad) <= 1e-6, name
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**16  # no inf / NaN was found
+
+
+def test_gradscaler_without_recipe_loses_the_balancing_gradient():
+    """The check above is sensitive: attach mode without set_aux_loss_scale(scale / M) leaves the
+    balancing-loss gradient divided by 2**16 after unscale_, far more than 1% off on the router."""
+    want = fp32_grads(2)
+    layer, batches = layer_and_batches()
+    moe_kit.set_aux_loss_scale(layer, 0.5)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    for x, cot in batches:
+        scaler.scale((layer(x) * cot).sum() / 2).backward()
+    scaler.unscale_(opt)
+    assert rel_err(layer.gate.weight.grad, want["gate.weight"]) > 0.05
+    assert rel_err(layer.experts.down_proj.grad, want["experts.down_proj"]) <= 1e-6
+
+
+def test_balancing_loss_errors():
+    """balancing_loss refuses attach-mode gates (the loss would count twice) and forwards that ran
+    without autograd."""
+    layer, batches = layer_and_batches()
+    layer(batches[0][0])
+    with pytest.raises(ValueError, match="loss_mode"):
+        moe_kit.balancing_loss(layer)
+    layer, batches = layer_and_batches(loss_mode="return")
+    with torch.no_grad():
+        layer(batches[0][0])
+    with pytest.raises(ValueError, match="without autograd"):
+        moe_kit.balancing_loss(layer)
+
+
+# ----------------------------------------------------------------------------- autocast
+
+
+@pytest.mark.parametrize("backend", ["loop", "torch"])
+def test_autocast_bf16_router_stays_fp32(backend):
+    """Under torch.autocast(bf16): the gate returns exactly the fp32 router's weights and experts on
+    the same fp32 activations; the layer routes identically (same load), its experts run in bf16
+    (bf16 output within bf16 error of the fp32 layer), and the backward works with fp32 gradients
+    within bf16 error of the fp32 run."""
+    torch.manual_seed(0)
+    layer = MoELayer(make_cfg(num_experts=8, aux_loss_coef=0.1, z_loss_coef=0.01, expert_bias=True,
+                              num_shared_experts=1, backend=backend))
+    with torch.no_grad():
+        layer.gate.expert_bias.copy_(0.01 * torch.randn(8))
+    x = torch.randn(512, D)
+    cot = torch.randn(512, D)
+    w_ref, i_ref = layer.gate(x)
+    layer.gate.expert_counts.zero_()
+    ref = copy.deepcopy(layer)
+    out_ref = ref(x)
+    (out_ref * cot).sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w, i = layer.gate(x)
+        assert w.dtype == torch.float32
+        assert torch.equal(i, i_ref) and torch.equal(w, w_ref)
+        bf16_logits = nn.functional.linear(x, layer.gate.weight)  # what autocast makes of a plain router
+        assert bf16_logits.dtype == torch.bfloat16
+        assert not torch.equal(bf16_logits.float().softmax(-1).gather(1, i_ref), w_ref)  # the check can fail
+        layer.gate.expert_counts.zero_()
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(layer.stats.load, ref.stats.load)
+    assert layer.stats.aux_loss == ref.stats.aux_loss and layer.stats.z_loss == ref.stats.z_loss
+    assert torch.equal(layer.gate.expert_counts, ref.gate.expert_counts)
+    assert 0 < rel_err(out, out_ref) <= BF16_TOL
+    (out.float() * cot).sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad.dtype == torch.float32, name
+        assert rel_err(p.grad, dict(ref.named_parameters())[name].grad) <= 5e-2, name
+
+
+def test_autocast_backends_agree():
+    """loop (the reference) and torch backends compute the same bf16 result under autocast."""
+    outs = []
+    for backend in ("loop", "torch"):
+        torch.manual_seed(0)
+        layer = MoELayer(make_cfg(num_experts=8, backend=backend))
+        x = torch.randn(64, D)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(layer(x))
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
+    assert rel_err(outs[1], outs[0]) <= 1e-2
+
+
+# ----------------------------------------------------------------------------- activation checkpointing
+
+
+class CheckpointNet(nn.Module):
+    def __init__(self, cfg: MoEConfig, reentrant: bool | None):
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+        self.moe = MoELayer(cfg)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        h = self.proj(x)
+        if self.reentrant is None:
+            return self.moe(h)
+        return checkpoint(self.moe, h, use_reentrant=self.reentrant)
+
+
+def run_checkpoint_net(reentrant: bool | None, loss_mode: str = "attach"):
+    torch.manual_seed(0)
+    cfg = make_cfg(aux_loss_coef=0.3, z_loss_coef=0.03, expert_bias=True, num_shared_experts=1, loss_mode=loss_mode)
+    net = CheckpointNet(cfg, reentrant)
+    gen = torch.Generator().manual_seed(5)
+    losses = []
+    for _ in range(2):  # two micro-batches: counts must add up once per forward
+        x, cot = torch.randn(3, 5, D, generator=gen), torch.randn(3, 5, D, generator=gen)
+        loss = (net(x) * cot).sum()
+        if loss_mode == "return":
+            loss = loss + moe_kit.balancing_loss(net)
+        loss.backward()
+        losses.append(loss.item())
+    stats = net.moe.stats
+    return dict(grads=grads_of(net), counts=net.moe.gate.expert_counts.clone(), losses=losses,
+                load=stats.load, aux=stats.aux_loss, z=stats.z_loss)
+
+
+@pytest.mark.parametrize(
+    "reentrant, loss_mode",
+    [pytest.param(True, "attach", id="reentrant-attach"), pytest.param(False, "attach", id="nonreentrant-attach"),
+     pytest.param(False, "return", id="nonreentrant-return")],
+)
+def test_activation_checkpointing_matches_plain_run(reentrant, loss_mode):
+    """Same gradients (router included: the balancing losses reach the backward once), same stats,
+    and expert counts not doubled by the backward-time recompute."""
+    want = run_checkpoint_net(None)
+    got = run_checkpoint_net(reentrant, loss_mode)
+    assert want["counts"].sum() == 2 * 15 * K  # 2 micro-batches of 15 tokens, k slots each
+    assert torch.equal(got["counts"], want["counts"])
+    assert torch.equal(got["load"], want["load"])
+    assert got["aux"] == pytest.approx(want["aux"], rel=1e-6) and got["z"] == pytest.approx(want["z"], rel=1e-6)
+    if loss_mode == "attach":
+        assert got["losses"] == pytest.approx(want["losses"], rel=1e-6)
+    for name, grad in want["grads"].items():
+        assert rel_err(got["grads"][name], grad) <= 1e-6, name
+
+
+def test_reentrant_checkpointing_with_returned_losses_raises():
+    """Reentrant checkpointing runs the forward under no_grad: balancing_loss says so, not 0."""
+    with pytest.raises(ValueError, match="use_reentrant=False"):
+        run_checkpoint_net(True, "return")
+
+
+def test_counting_policy():
+    """Counts: training forwards (also under no_grad); never eval, inference_mode or meta."""
+    torch.manual_seed(0)
+    layer = MoELayer(make_cfg(expert_bias=True))
+    x = torch.randn(6, D)
+    layer(x)
+    assert layer.gate.expert_counts.sum() == 6 * K
+    with torch.no_grad():
+        layer(x)
+    assert layer.gate.expert_counts.sum() == 12 * K
+    with torch.inference_mode():
+        layer(x)
+    layer.eval()
+    layer(x)
+    layer.train()
+    assert layer.gate.expert_counts.sum() == 12 * K
+    with torch.device("meta"):
+        meta = MoELayer(make_cfg(expert_bias=True))
+    meta(torch.empty(6, D, device="meta"))
+    assert meta.gate.expert_counts.is_meta
+
+
+# ----------------------------------------------------------------------------- meta-device construction
+
+
+def train_net(net: Net, steps: int = 3) -> list[dict]:
+    """A few steps of the reference recipe on one process: losses, gradients, expert bias, weights."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    history = []
+    for step in range(steps):
+        opt.zero_grad()
+        losses = []
+        for m in range(2):
+            x, ids, cot = micro_batch(step, m, m)
+            loss = (net(x, ids) * cot).mean()
+            (loss / 2).backward()
+            losses.append(loss.item())
+        counts = net.moe1.gate.expert_counts.clone()
+        grads = grads_of(net)
+        opt.step()
+        moe_kit.update_expert_bias(net)
+        history.append(dict(losses=losses, counts=counts, grads=grads, bias=net.moe1.gate.expert_bias.clone(),
+                            load0=net.moe0.stats.load))
+    history.append(dict(params={n: p.detach().clone() for n, p in net.named_parameters()}))
+    return history
+
+
+def assert_same_training(got: list[dict], want: list[dict]) -> None:
+    for step, (g, w) in enumerate(zip(got[:-1], want[:-1], strict=True)):
+        assert g["losses"] == pytest.approx(w["losses"], rel=1e-6, abs=1e-7), step
+        assert torch.equal(g["counts"], w["counts"]) and g["counts"].sum() > 0, step
+        assert torch.equal(g["bias"], w["bias"]), step
+        assert torch.equal(g["load0"], w["load0"]), step  # the hash layer routes by the same table
+        for name, grad in w["grads"].items():
+            assert rel_err(g["grads"][name], grad) <= 1e-6, (step, name)
+    for name, p in want[-1]["params"].items():
+        assert rel_err(got[-1]["params"][name], p) <= 1e-6, name
+
+
+def meta_net() -> Net:
+    with torch.device("meta"):
+        net = Net(make_cfg(**TRAIN_CFG))
+    assert all(p.is_meta for p in net.parameters())
+    return net
+
+
+def test_meta_build_to_empty_reset_parameters():
+    """meta -> to_empty -> reset_parameters: every parameter and buffer initialized (hash table,
+    zero expert bias and counts on the real device, router weight in nn.Linear's range); loading
+    the reference weights then trains exactly like the normally built model."""
+    net = meta_net()
+    net.to_empty(device="cpu")
+    net.proj.reset_parameters()
+    net.moe0.reset_parameters()
+    net.moe1.reset_parameters()
+    table = moe_kit.hash_table(VOCAB, E, K)
+    assert torch.equal(net.moe0.gate.tid2eid, table)
+    gate = net.moe1.gate
+    assert torch.equal(gate.expert_bias, torch.zeros(E)) and gate.expert_bias.dtype == torch.float32
+    assert torch.equal(gate.expert_counts, torch.zeros(E)) and gate.expert_counts.device.type == "cpu"
+    for layer in (net.moe0, net.moe1):
+        bound = 1 / math.sqrt(D)
+        assert 0 < layer.gate.weight.abs().max() <= bound and layer.gate.weight.std() > bound / 4
+        for p in layer.parameters():
+            assert torch.isfinite(p).all() and p.abs().max() < 1
+    normal = build_net()
+    net.load_state_dict(normal.state_dict())
+    assert_same_training(train_net(net), train_net(normal))
+
+
+def test_meta_build_load_state_dict_assign():
+    """meta -> load_state_dict(assign=True): the counts (not in the state dict) come back on the real
+    device, balancing works, hash routing works; training equals the normally built model."""
+    net = meta_net()
+    normal = build_net()
+    net.load_state_dict({k: v.clone() for k, v in normal.state_dict().items()}, assign=True)
+    assert not any(t.is_meta for t in list(net.parameters()) + list(net.buffers()))
+    assert_same_training(train_net(net), train_net(normal))
+
+
+def test_meta_forward_gives_shapes_only():
+    """A meta-built layer runs on meta inputs (shape propagation) and counts nothing."""
+    with torch.device("meta"):
+        net = Net(make_cfg(**TRAIN_CFG))
+        x = torch.empty(2, 3, D)
+        ids = torch.zeros(2, 3, dtype=torch.long)
+    out = net(x, ids, torch.ones(2, 3, dtype=torch.bool, device="meta"))
+    assert out.is_meta and out.shape == (2, 3, D)
+
+
+def test_reset_parameters_reinitializes_a_used_layer():
+    """reset_parameters on a trained layer: bias and counts back to zero, hash table rebuilt."""
+    net = build_net()
+    train_net(net, steps=1)
+    net.moe0(torch.randn(4, D), torch.arange(4))  # counts again
+    with torch.no_grad():
+        net.moe0.gate.tid2eid.zero_()
+    for layer in (net.moe0, net.moe1):
+        layer.reset_parameters()
+    assert torch.equal(net.moe0.gate.tid2eid, moe_kit.hash_table(VOCAB, E, K))
+    assert not net.moe1.gate.expert_bias.any() and not net.moe1.gate.expert_counts.any()
+
+
+# ----------------------------------------------------------------------------- padding (token_mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskCase:
+    cfg: dict
+    mask_dtype: torch.dtype = torch.bool
+    sequence: bool = False  # aux_loss_type "sequence": padding at the ends, one sequence all padding
+
+
+MASK_CASES = [
+    pytest.param(MaskCase(dict(expert_bias=True, num_shared_experts=1, aux_loss_coef=0.2, z_loss_coef=0.02)),
+                 id="bias-shared-aux-z"),
+    pytest.param(MaskCase(dict(expert_bias=True, aux_loss_coef=0.2), mask_dtype=torch.long), id="int-mask"),
+    pytest.param(MaskCase(dict(z_loss_coef=0.02, score_func="sigmoid"), mask_dtype=torch.float32),
+                 id="float-mask-sigmoid"),
+    pytest.param(MaskCase(dict(hash_routing=True, vocab_size=VOCAB, aux_loss_coef=0.2, num_shared_experts=1)),
+                 id="hash-shared"),
+    pytest.param(MaskCase(dict(capacity_factor=1.0, aux_loss_coef=0.2, expert_bias=True)), id="capacity"),
+    pytest.param(MaskCase(dict(capacity_factor=1.0, num_shared_experts=1, backend="loop")), id="capacity-loop-shared"),
+    pytest.param(MaskCase(dict(aux_loss_coef=0.2, aux_loss_type="sequence", z_loss_coef=0.02, expert_bias=True),
+                          sequence=True), id="sequence-aux"),
+]
+
+
+def masked_batch(case: MaskCase):
+    """x [3, 5, D], ids, cotangent, mask [3, 5] and the index that picks the real tokens."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 5, D, generator=gen)
+    ids = torch.randint(0, VOCAB, (3, 5), generator=gen)
+    cot = torch.randn(3, 5, D, generator=gen)
+    if case.sequence:  # sequences 0 and 2 hold 3 real tokens, sequence 1 none
+        mask = torch.zeros(3, 5, dtype=torch.bool)
+        mask[[0, 2], :3] = True
+    else:
+        mask = torch.rand(3, 5, generator=gen) < 0.6
+    ids = torch.where(mask, ids, torch.full_like(ids, -7))  # padding's ids are garbage, never checked
+    return x, ids, cot, mask
+
+
+def real_only(t: torch.Tensor, mask: torch.Tensor, case: MaskCase) -> torch.Tensor:
+    if case.sequence:
+        return t[[0, 2], :3]
+    return t[mask]
+
+
+@pytest.mark.parametrize("case", MASK_CASES)
+def test_token_mask_equals_running_only_the_real_tokens(case):
+    """Real tokens' outputs, every gradient (padding's cotangent is zero, as a masked loss makes it),
+    expert counts, aux / z values, load and dropped fraction equal a forward of the real tokens
+    alone; padded tokens get no routed expert (output = shared expert or 0) and no input gradient."""
+    torch.manual_seed(0)
+    layer = MoELayer(make_cfg(**case.cfg))
+    if layer.gate.expert_bias is not None:
+        with torch.no_grad():
+            layer.gate.expert_bias.copy_(0.05 * torch.randn(E))
+    ref = copy.deepcopy(layer)
+    x, ids, cot, mask = masked_batch(case)
+    x = x.requires_grad_(True)
+    use_ids = case.cfg.get("hash_routing", False)
+    out = layer(x, ids if use_ids else None, token_mask=mask.to(case.mask_dtype))
+    (out * cot * mask.unsqueeze(-1)).sum().backward()
+
+    x_real = real_only(x.detach(), mask, case).requires_grad_(True)
+    out_real = ref(x_real, real_only(ids, mask, case) if use_ids else None)
+    (out_real * real_only(cot, mask, case)).sum().backward()
+
+    assert rel_err(real_only(out, mask, case), out_real) <= 1e-6
+    padded = out[~mask]
+    if layer.shared_experts is None:
+        assert not padded.any()
+    else:
+        assert rel_err(padded, layer.shared_experts(x.detach()[~mask])) <= 1e-6
+    assert rel_err(real_only(x.grad, mask, case), x_real.grad) <= 1e-6
+    assert not x.grad[~mask].any()
+    ref_params = dict(ref.named_parameters())
+    for name, p in layer.named_parameters():
+        assert rel_err(p.grad, ref_params[name].grad) <= 1e-6, name
+    got, want = layer.stats, ref.stats
+    assert torch.equal(got.load, want.load)
+    assert got.dropped_fraction == want.dropped_fraction
+    if case.cfg.get("capacity_factor"):
+        assert want.dropped_fraction > 0  # the capacity case really drops
+    for g, w in ((got.aux_loss, want.aux_loss), (got.z_loss, want.z_loss)):
+        assert (g is None) == (w is None)
+        if w is not None:
+            assert g == pytest.approx(w, rel=1e-6)
+    if layer.gate.expert_counts is not None:
+        assert torch.equal(layer.gate.expert_counts, ref.gate.expert_counts)
+        assert layer.gate.expert_counts.sum() == int(mask.sum()) * K
+
+
+def test_token_mask_all_padding():
+    """A batch of padding only: zero routed output, nothing counted, no NaN anywhere."""
+    torch.manual_seed(0)
+    layer = MoELayer(make_cfg(expert_bias=True, aux_loss_coef=0.2, z_loss_coef=0.02, capacity_factor=1.0))
+    x = torch.randn(4, D, requires_grad=True)
+    out = layer(x, token_mask=torch.zeros(4, dtype=torch.bool))
+    out.sum().backward()
+    assert not out.any() and not layer.gate.expert_counts.any()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+    assert layer.stats.load.sum() == 0 and layer.stats.dropped_fraction == 0.0
+
+
+# ----------------------------------------------------------------------------- config and dtype casts
+
+
+def test_config_edits_after_build_change_nothing():
+    """Editing the caller's config after build leaves the layer as built; its own copy is frozen;
+    to_dict / from_dict round-trip through JSON and rebuild the same layer."""
+    cfg = make_cfg(aux_loss_coef=0.1, expert_bias=True, num_shared_experts=1)
+    torch.manual_seed(0)
+    layer = MoELayer(cfg)
+    ref = copy.deepcopy(layer)
+    cfg.top_k = 1
+    cfg.score_func = "sigmoid"
+    cfg.aux_loss_coef = 0.9
+    cfg.route_scale = 3.0
+    cfg.capacity_factor = 0.5
+    x = torch.randn(2, 5, D)
+    out, out_ref = layer(x), ref(x)
+    assert torch.equal(out, out_ref)
+    assert layer.stats.aux_loss == ref.stats.aux_loss
+    out.sum().backward()
+    out_ref.sum().backward()
+    for (name, p), q in zip(layer.named_parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name
+    assert layer.cfg.top_k == K and layer.gate.cfg.top_k == K
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        layer.cfg.top_k = 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        layer.gate.cfg.aux_loss_coef = 0.0
+    original = make_cfg(aux_loss_coef=0.1, expert_bias=True, num_shared_experts=1)
+    rebuilt = MoEConfig.from_dict(json.loads(json.dumps(layer.cfg.to_dict())))
+    assert rebuilt == original
+    torch.manual_seed(0)
+    assert torch.equal(MoELayer(rebuilt)(x), out_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_model_cast_keeps_expert_bias_and_counts_fp32(dtype):
+    """model.to(bf16) / .half(): expert bias and counts stay fp32 with their exact values (a bf16
+    round trip would round 1e-3 + 2**-20 and 257); updates after the cast are exact fp32 updates."""
+    torch.manual_seed(0)
+    net = Net(make_cfg(expert_bias=True, bias_update_rate=1e-4, n_hash_layers=1, vocab_size=VOCAB))
+    gate = net.moe1.gate
+    with torch.no_grad():
+        gate.expert_bias.copy_(torch.tensor([1e-3 + 2**-20, -0.3 + 1e-6, 0.7 - 3e-6, 2**-30]))
+    gate.expert_counts = torch.tensor([257.0, 1.0, 1025.0, 3.0])
+    bias, counts = gate.expert_bias.clone(), gate.expert_counts.clone()
+    cast = copy.deepcopy(net).to(dtype) if dtype == torch.bfloat16 else copy.deepcopy(net).half()
+    cgate = cast.moe1.gate
+    assert cgate.weight.dtype == dtype and cast.moe1.experts.down_proj.dtype == dtype
+    assert cgate.expert_bias.dtype == torch.float32 and torch.equal(cgate.expert_bias, bias)
+    assert cgate.expert_counts.dtype == torch.float32 and torch.equal(cgate.expert_counts, counts)
+    assert cast.state_dict()["moe1.gate.expert_bias"].dtype == torch.float32
+    assert torch.equal(cast.float().moe1.gate.expert_bias, bias)
+    moe_kit.update_expert_bias(cast)
+    want = (bias + 1e-4 * torch.sign(counts.mean() - counts)).clamp(-1.0, 1.0)
+    assert torch.equal(cgate.expert_bias, want)
+    cast.to(dtype)
+    x = torch.randn(2, 4, D, dtype=dtype)
+    out = cast(x, torch.randint(0, VOCAB, (2, 4)))
+    assert out.dtype == dtype and cgate.expert_counts.dtype == torch.float32 and cgate.expert_counts.sum() == 8 * K

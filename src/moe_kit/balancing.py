@@ -102,15 +102,16 @@ class _AttachLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (loss,) = ctx.saved_tensors
-        scale = ctx.scale
+        scale = ctx.scale() if callable(ctx.scale) else ctx.scale  # a callable is read now, at backward
         if isinstance(scale, torch.Tensor):  # e.g. a GradScaler's scale: no host sync
             return grad_out, scale.to(device=loss.device, dtype=loss.dtype).expand_as(loss).clone(), None
         return grad_out, torch.full_like(loss, scale), None
 
 
-def attach_loss(out: torch.Tensor, loss: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+def attach_loss(out: torch.Tensor, loss: torch.Tensor, scale=1.0) -> torch.Tensor:
     """`out` unchanged; when the backward reaches it, `loss` is back-propagated too, times scale
-    (a float, or a 0-dim tensor such as a GradScaler's scale)."""
+    (a float, a 0-dim tensor such as a GradScaler's scale, or a callable returning one, called when
+    the backward runs: the scale set between forward and backward is the one that counts)."""
     return _AttachLoss.apply(out, loss, scale)
 
 

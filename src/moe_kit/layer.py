@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from moe_kit.config import MoEConfig
-from moe_kit.ep import check_same_config, ep_moe_ffn, local_experts
+from moe_kit.ep import check_same_config, ep_moe_ffn, expert_slice, local_experts
 from moe_kit.experts import GroupedExperts, SharedExpert
 from moe_kit.gates import ExpertChoiceGate, HashGate, SinkhornGate, TopKGate
 from moe_kit.gates.router import autocast_off, flat_token_mask
@@ -47,6 +47,7 @@ class MoELayer(nn.Module):
         self.layer_id = layer_id
         self.ep_group = ep_group  # expert-parallel process group; None: every expert lives here
         if ep_group is not None:
+            expert_slice(cfg.num_experts, ep_group)  # clear errors first: no process group, E % W != 0
             check_same_config(dict(cfg.to_dict(), layer_id=layer_id), ep_group)
             if any(kind == "global_batch" for kind, _ in cfg.aux_losses):
                 raise ValueError("aux_loss_type 'global_batch' is not supported with ep_group yet; use 'global'")
@@ -117,7 +118,8 @@ class MoELayer(nn.Module):
             ranking = weights.detach().reshape(-1)
             if mask is not None:  # padding ranks last, so it never takes a real slot's place
                 ranking = ranking.masked_fill(~mask.repeat_interleave(self.cfg.top_k), float("-inf"))
-            over = over_capacity(ranking, marked.reshape(-1), num_experts, capacity).view_as(indices)
+            over = over_capacity(ranking, marked.reshape(-1), num_experts, capacity, self.cfg.drop_policy)
+            over = over.view_as(indices)
             if mask is not None:
                 over = over & mask.unsqueeze(1)
             dropped = over.sum()
@@ -150,6 +152,7 @@ class MoELayer(nn.Module):
             self.cfg.backend,
             self.cfg.swiglu_limit,
             None if getattr(self.gate, "marks_unrouted", False) else self.cfg.capacity_factor,
+            self.cfg.drop_policy,
         )
         self._remember(marked, result.dropped, mask)
         self._last.update(load=result.load.detach(), slots=result.num_slots)  # the group's, not this rank's

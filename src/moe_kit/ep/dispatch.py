@@ -19,7 +19,6 @@ exact; the experts get the gradient of every token of the group through step 3's
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +28,7 @@ from moe_kit.config import MoEConfig
 from moe_kit.ep.all_to_all import all_to_all, exchange_counts
 from moe_kit.experts import GroupedExperts
 from moe_kit.ops import dispatch
-from moe_kit.ops.capacity import over_capacity
+from moe_kit.ops.capacity import expert_capacity, over_capacity
 from moe_kit.ops.routing import RoutingPlan, routing_plan
 
 
@@ -97,7 +96,7 @@ def plan_exchange(indices: torch.Tensor, num_experts: int, group) -> ExchangePla
 
 def global_capacity(num_slots: int, num_experts: int, capacity_factor: float) -> int:
     """ceil(cf * N_total * k / E), with num_slots = N_total * k: moe_kit.ops.capacity on the whole group."""
-    return math.ceil(capacity_factor * num_slots / num_experts)
+    return expert_capacity(num_slots, 1, num_experts, capacity_factor)
 
 
 def combine(y_rows: torch.Tensor, weights: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
@@ -131,6 +130,7 @@ def ep_moe_ffn(
     backend: str = "auto",
     swiglu_limit: float | None = None,
     capacity_factor: float | None = None,
+    drop_policy: str = "probs",
 ) -> EPResult:
     """Routed SwiGLU experts held across `group` (see the module doc for the steps).
 
@@ -141,6 +141,8 @@ def ep_moe_ffn(
         gate_up_proj: [El, 2I, D] and down_proj [El, D, I]: this rank's experts, in x's dtype.
         group: the expert-parallel process group; every rank of it must call with the same config.
         capacity_factor: None (dropless) or the factor of the group-wide capacity rule.
+        drop_policy: "probs" (heaviest slots stay) or "position" (earliest slots of the batch
+            concatenated in rank order stay), as moe_kit.ops.capacity on one process.
     Returns:
         EPResult with out [N, D], differentiable in x, weights and both expert weight tensors.
     """
@@ -158,7 +160,7 @@ def ep_moe_ffn(
         with torch.no_grad():  # the weights only decide which slots stay
             w_rows = weights.reshape(-1).index_select(0, ex.plan.slot_of_row[:kept])
             recv_w = all_to_all(w_rows, ex.send_splits, ex.recv_splits, group)  # [R]
-        expert = expert.masked_fill(over_capacity(recv_w, expert, num_local, capacity), num_local)
+        expert = expert.masked_fill(over_capacity(recv_w, expert, num_local, capacity, drop_policy), num_local)
         load = load.clamp(max=capacity)
         dropped = ex.num_slots - load.sum()
     ones = recv_x.new_ones(recv_x.shape[0], 1, dtype=torch.float32)  # weights are applied on the way back

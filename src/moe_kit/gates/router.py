@@ -134,7 +134,11 @@ class Router(nn.Module):
         if self.cfg.loss_mode == "return":
             self.balancing_term = total
             return weights
-        return attach_loss(weights, total, self.loss_scale)
+        return attach_loss(weights, total, self._loss_scale_now)  # read at backward: set_aux_loss_scale may follow
+
+    def _loss_scale_now(self) -> float | torch.Tensor:
+        """loss_scale when the backward runs (the GradScaler recipe sets it after the forward)."""
+        return self.loss_scale
 
     def _balancing_losses(self, scores, logits, batch_shape, mask, aux_indices=None) -> torch.Tensor | None:
         """Set `aux_loss` / `z_loss` (detached values) and return their differentiable sum (or None).

@@ -33,7 +33,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from moe_kit.activations import gated_act, gated_act_backward
+from moe_kit.activations import gated_act, gated_act_backward, swiglu
 from moe_kit.ops.routing import RoutingPlan, routing_plan
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -296,19 +296,19 @@ _sorted_ffn_fwd_op.register_autograd(_op_backward, setup_context=_op_setup_conte
 # ----------------------------------------------------------------------------- decode path: gathered weights
 
 
-def small_ffn(x, weights, indices, gate_up, down, activation="silu", limit=None):
+def small_ffn(x, weights, indices, gate_up, down, activation="silu", limit=None, has_dropped=False):
     """S = N*k <= SMALL_ROWS: each slot's expert weights gathered ([S, 2I, D], [S, D, I]), two
-    batched mat-vecs, a sum over k. Plain autograd; ids == E (dropped slots) contribute zero."""
+    batched mat-vecs, a sum over k. Plain autograd; ids == E (dropped slots, has_dropped) contribute zero."""
     num_tokens, top_k = indices.shape
     num_experts = gate_up.shape[0]
     flat = indices.reshape(-1)
     kept = None
-    if bool((flat >= num_experts).any()) if flat.numel() else False:
+    if has_dropped:
         kept = flat < num_experts
         flat = flat.clamp(max=num_experts - 1)
     x_rows = x.repeat_interleave(top_k, dim=0).unsqueeze(2)  # [S, D, 1]
     h = torch.bmm(gate_up.index_select(0, flat), x_rows).squeeze(2)  # [S, 2I]
-    act = gated_act(h, activation, limit)  # [S, I]
+    act = swiglu(h, limit, activation)  # [S, I], plain autograd
     scale = weights.reshape(-1, 1).to(x.dtype)
     if kept is not None:
         scale = scale * kept.unsqueeze(1)
@@ -348,7 +348,7 @@ def moe_ffn_torch(
     if small is None:
         small = not compiling and 0 < indices.numel() <= SMALL_ROWS
     if small:
-        return small_ffn(x, weights, indices, gate_up_proj, down_proj, activation, swiglu_limit)
+        return small_ffn(x, weights, indices, gate_up_proj, down_proj, activation, swiglu_limit, has_dropped)
     plan = routing_plan(indices, gate_up_proj.shape[0], has_dropped)
     if compiling:
         save_h = recompute == "act" and torch.is_grad_enabled()

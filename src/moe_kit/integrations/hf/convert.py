@@ -14,6 +14,7 @@ original class and `save_pretrained` writes a normal checkpoint.
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 import warnings
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from torch import nn
 from moe_kit.activations import act_fn
 from moe_kit.config import MoEConfig
 from moe_kit.integrations.hf.layout import experts_activation, is_hf_experts
-from moe_kit.integrations.hf.specs import SPECS, BlockSpec, spec_of, state_keys
+from moe_kit.integrations.hf.specs import BlockSpec, router_top_k, check_block, probe_routing, spec_of, state_keys
 from moe_kit.integrations.upcycle import activation_of
 from moe_kit.layer import MoELayer
 from moe_kit.ops import moe_ffn
@@ -48,24 +49,34 @@ class HFOrigin:
 
 
 def convert(model: nn.Module, **overrides) -> list[str]:
-    """Replace, in place, every known transformers sparse-MoE block of `model` by an equivalent
+    """Replace, in place, every transformers sparse-MoE block of `model` by an equivalent
     MoELayer; return the converted module names.
 
     overrides: MoEConfig fields in OVERRIDABLE, applied to every converted layer, e.g.
     `convert(model, expert_bias=True, aux_loss_coef=1e-3)`. Fields fixed by the checkpoint's
     routing (e.g. expert_bias for DeepSeek) cannot be overridden. Nothing changes when any block
-    fails a check (ValueError naming the module and the problem).
+    fails a check (ValueError naming the module, its family and the problem).
+
+    Works on models built under torch.device("meta") (nothing reads the weights' values): the
+    converted layers hold the meta parameters, and `model.load_state_dict(hf_state_dict,
+    assign=True)` (or to_empty + load_state_dict) fills them. The converted model's state_dict()
+    and save_pretrained use the transformers key names (HFKeyNames), so a plain
+    `from_pretrained` of the transformers class loads it exactly.
     """
+    return _convert(model, overrides)
+
+
+def _convert(model: nn.Module, overrides: dict, verified_only: bool = True) -> list[str]:
     bad = sorted(set(overrides) - set(OVERRIDABLE))
     if bad:
         raise ValueError(f"convert cannot override {bad}: they fix the converted function; choose from {OVERRIDABLE}")
-    found = _find_blocks(model)
+    found = _find_blocks(model, verified_only)
     layers = {}
     for name, (block, spec) in found.items():
         try:
             layers[name] = _to_moe_layer(block, spec, _layer_idx(model, name), overrides)
         except ValueError as error:
-            raise ValueError(f"{name} ({type(block).__name__}): {error}") from None
+            raise ValueError(f"{name} ({type(block).__name__}, {family(block)}): {error}") from None
     for name, layer in layers.items():
         _replace(model, name, layer)
     config = getattr(model, "config", None)
@@ -104,7 +115,14 @@ def _to_moe_layer(block: nn.Module, spec: BlockSpec, layer_idx: int | None, over
             f"MoEConfig.activation={activation!r} yet (the experts implementation, register(), runs it)"
         )
     num_experts, two_i, hidden = block.experts.gate_up_proj.shape
-    routing = spec.routing(block)
+    check_block(block)
+    routing = spec.routing(block) if spec.routing is not None else None
+    if routing is None:
+        routing = probe_routing(block, spec)
+        if spec.block_scale is not None:  # the block scales the routed sum: the same as scaling each weight
+            routing["route_scale"] *= float(getattr(block, spec.block_scale))
+        if not routing["expert_bias"]:
+            del routing["expert_bias"]  # free for convert(..., expert_bias=True)
     fixed = sorted(k for k in overrides if k in routing and overrides[k] != routing[k])
     if fixed:
         raise ValueError(f"{fixed} fixed by this model's routing ({ {k: routing[k] for k in fixed} })")
@@ -113,7 +131,8 @@ def _to_moe_layer(block: nn.Module, spec: BlockSpec, layer_idx: int | None, over
         hidden_size=hidden,
         intermediate_size=two_i // 2,
         num_experts=num_experts,
-        top_k=int(block.gate.top_k),
+        top_k=router_top_k(getattr(block, spec.router), block),
+        router_bias="gate.bias" in state_keys(spec, block).values(),
         num_shared_experts=1 if shared else 0,
         shared_intermediate_size=shared,
         shared_expert_gate=spec.shared_gate is not None,
@@ -124,19 +143,23 @@ def _to_moe_layer(block: nn.Module, spec: BlockSpec, layer_idx: int | None, over
     with torch.device("meta"):
         layer = MoELayer(cfg, layer_id=layer_idx or 0)
     keys = state_keys(spec, block)  # {block key: MoELayer key}
-    _move_state(block, layer, keys, zeros=("gate.expert_bias",))  # a bias the family lacks starts at 0
     block_state = block.state_dict(keep_vars=True)
+    kept = {}
+    if "gate.expert_bias" in keys.values() and not cfg.expert_bias:  # a block bias its router ignores (LFM2)
+        kept = {hf: block_state[hf] for hf, moe in keys.items() if moe == "gate.expert_bias"}
+        keys = {hf: (None if hf in kept else moe) for hf, moe in keys.items()}
+    _move_state(block, layer, keys, zeros=("gate.expert_bias",))  # a bias the family lacks starts at 0
     integer = {hf: t.dtype for hf, t in block_state.items() if not (t.is_floating_point() or t.is_complex())}
-    HFKeyNames({moe: hf for hf, moe in keys.items()}, integer).attach(layer)
+    HFKeyNames({moe: hf for hf, moe in keys.items() if moe is not None}, integer, kept).attach(layer)
     layer.train(block.training)
     layer._hf_origin = HFOrigin(type(block), block.experts.config, layer_idx)
     return layer
 
 
 def _to_hf_block(layer: MoELayer, origin: HFOrigin, name: str) -> nn.Module:
-    spec = SPECS[origin.cls.__name__]
+    takes_layer_idx = "layer_idx" in inspect.signature(origin.cls.__init__).parameters
     with torch.device("meta"):
-        block = origin.cls(origin.config, origin.layer_idx) if spec.takes_layer_idx else origin.cls(origin.config)
+        block = origin.cls(origin.config, layer_idx=origin.layer_idx) if takes_layer_idx else origin.cls(origin.config)
     # The layer's state_dict already carries the block's key names (HFKeyNames), all but an expert
     # bias the family has no place for.
     keys = {key: key for key in block.state_dict(keep_vars=True)}
@@ -216,10 +239,11 @@ class HFKeyNames:
     of integer buffers, written back in the block's dtype (tid2eid).
     """
 
-    def __init__(self, to_hf: dict[str, str], dtypes: dict[str, torch.dtype]):
+    def __init__(self, to_hf: dict[str, str], dtypes: dict[str, torch.dtype], kept: dict | None = None):
         self.to_hf = dict(to_hf)
         self.from_hf = {hf: moe for moe, hf in self.to_hf.items()}
         self.dtypes = dict(dtypes)
+        self.kept = dict(kept or {})  # block tensors MoELayer does not use, written back as they are
 
     def attach(self, layer: nn.Module) -> None:
         layer._register_state_dict_hook(self.save_hook)
@@ -237,21 +261,34 @@ class HFKeyNames:
                 continue
             dtype = self.dtypes.get(hf_key)
             state_dict[prefix + hf_key] = value if dtype is None else value.to(dtype)
+        for hf_key, value in self.kept.items():
+            state_dict[prefix + hf_key] = value
 
     def load_hook(self, module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
         for hf_key, moe_key in self.from_hf.items():
             if hf_key != moe_key and prefix + hf_key in state_dict:
                 state_dict[prefix + moe_key] = state_dict.pop(prefix + hf_key)
+        for hf_key in self.kept:
+            if prefix + hf_key in state_dict:
+                self.kept[hf_key] = state_dict.pop(prefix + hf_key)
 
 
 # ----------------------------------------------------------------------------- finding blocks
 
 
-def _find_blocks(model: nn.Module) -> dict[str, tuple[nn.Module, BlockSpec]]:
+def _find_blocks(model: nn.Module, verified_only: bool = True) -> dict[str, tuple[nn.Module, BlockSpec]]:
     """{name: (block, spec)} of the known blocks; ValueError for experts inside an unknown block."""
     found: dict[str, tuple[nn.Module, BlockSpec]] = {}
     for name, module in model.named_modules():
-        spec = spec_of(module)
+        if any(name.startswith(block + ".") for block in found):
+            continue
+        try:
+            spec = spec_of(module, verified_only)
+        except ValueError as error:
+            raise ValueError(
+                f"{name}: moe_kit has no conversion for {type(module).__name__} ({family(module)}): {error}. "
+                "register() may still run its experts alone if their layout is supported"
+            ) from None
         if spec is not None:
             if not name:
                 raise ValueError(f"convert replaces blocks inside a model; got a bare {type(module).__name__}")
@@ -259,8 +296,9 @@ def _find_blocks(model: nn.Module) -> dict[str, tuple[nn.Module, BlockSpec]]:
         elif is_hf_experts(module) and not any(name.startswith(block + ".") for block in found):
             parent = model.get_submodule(name.rpartition(".")[0])
             raise ValueError(
-                f"{name}: moe_kit has no conversion for {type(parent).__name__}; convert knows "
-                f"{sorted(SPECS)} (register() may still run its experts alone if their layout is supported)"
+                f"{name}: moe_kit has no conversion for {type(parent).__name__} ({family(parent)}): its experts "
+                "are not the .experts of a router + experts block (register() may still run them alone if "
+                "their layout is supported)"
             )
     return found
 
@@ -302,3 +340,8 @@ def layer_applies_activation(activation: str) -> bool:
         expected = expected + shared.down_proj(act_fn(shared.gate_proj(x), activation) * shared.up_proj(x))
         return bool(torch.allclose(layer(x), expected, atol=1e-5))
 
+
+def family(module: nn.Module) -> str:
+    """The transformers model family of a module: "qwen2_moe" for transformers.models.qwen2_moe...."""
+    parts = type(module).__module__.split(".")
+    return parts[2] if len(parts) > 2 and parts[:2] == ["transformers", "models"] else type(module).__module__

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -133,7 +133,7 @@ def probe_routing(block: nn.Module, spec: BlockSpec) -> dict:
     matches neither)."""
     router = getattr(block, spec.router)
     num_experts, _, hidden = block.experts.gate_up_proj.shape
-    top_k = _top_k(router, block)
+    top_k = router_top_k(router, block)
     keys = state_keys(spec, block)
     has_bias = "gate.expert_bias" in keys.values()
     router_bias = "gate.bias" in keys.values()
@@ -144,14 +144,14 @@ def probe_routing(block: nn.Module, spec: BlockSpec) -> dict:
         for key, tensor in probe.state_dict(keep_vars=True).items():
             if tensor.is_floating_point():
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * (0.1 if tensor.dim() == 1 else 1.0))
-                state[keys[f"{spec.router}.{key}"]] = tensor.detach().clone()
+                state[keys[f"{spec.router}.{key}"].removeprefix("gate.")] = tensor.detach().clone()
     bias = None
     if spec.block_bias:
         bias = torch.randn(num_experts, generator=generator) * 0.1
-        state["gate.expert_bias"] = bias
+        state["expert_bias"] = bias
     x = torch.randn(96, hidden, generator=generator)
     outputs = {mode: _route(probe.train(mode), x, bias, top_k) for mode in (False, True)}
-    for routing in _candidates(router, block, spec, has_bias, num_experts):
+    for routing in _candidates(router, has_bias, num_experts):
         cfg = MoEConfig(hidden_size=hidden, intermediate_size=1, num_experts=num_experts, top_k=top_k,
                         router_bias=router_bias, **routing)
         with torch.device("cpu"):
@@ -165,7 +165,7 @@ def probe_routing(block: nn.Module, spec: BlockSpec) -> dict:
     )
 
 
-def _top_k(router: nn.Module, block: nn.Module) -> int:
+def router_top_k(router: nn.Module, block: nn.Module) -> int:
     for owner in (router, block):
         for attr in ("top_k", "topk", "num_experts_per_tok", "moe_topk"):
             value = getattr(owner, attr, None)
@@ -186,9 +186,12 @@ def _cpu_copy(router: nn.Module) -> nn.Module:
 
 def _route(router: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, top_k: int):
     """(weights [N, k], indices [N, k]) of a router call, sorted by expert id per token."""
+    args = () if bias is None else (bias,)
     with torch.no_grad():
-        torch.manual_seed(0)
-        out = router(x) if bias is None else router(x, bias)
+        try:
+            out = router(x, *args)
+        except Exception:  # noqa: BLE001 - some routers take [B, S, D] only
+            out = router(x.unsqueeze(0), *args)
     if not isinstance(out, tuple):
         raise ValueError(f"its router {type(router).__name__} does not return (logits, weights, indices)")
     ints = [t for t in out if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() == 2]
@@ -211,10 +214,10 @@ def _same_routing(gate: TopKGate, x: torch.Tensor, weights: torch.Tensor, indice
     return torch.equal(got_indices, indices) and torch.allclose(got_weights, weights, rtol=1e-5, atol=1e-6)
 
 
-def _candidates(router: nn.Module, block: nn.Module, spec: BlockSpec, has_bias: bool, num_experts: int):
+def _candidates(router: nn.Module, has_bias: bool, num_experts: int):
     """Routing dicts to try, most specific first."""
     scales = [1.0]
-    for owner in (router, block):
+    for owner in (router,):  # a factor on the block itself is spec.block_scale, applied on top
         for attr, value in vars(owner).items():
             if any(w in attr for w in SCALE_WORDS) and isinstance(value, (int, float)) and value not in scales:
                 scales.insert(0, float(value))
@@ -294,7 +297,7 @@ def spec_of(module: nn.Module, verified_only: bool = True) -> BlockSpec | None:
     if verified_only and spec.block not in VERIFIED:
         raise ValueError(f"{spec.block} is not among the blocks convert has checked (specs.VERIFIED)")
     explicit = EXPLICIT.get(spec.block)
-    return spec if explicit is None else BlockSpec(**{**spec.__dict__, "routing": explicit})
+    return spec if explicit is None else replace(spec, routing=explicit)
 
 
 SPECS = VERIFIED  # kept for `from moe_kit.integrations.hf import SPECS`: the block classes convert knows

@@ -1,0 +1,244 @@
+"""Coverage of transformers' MoE families by moe_kit.integrations.hf, measured on the installed transformers.
+
+    python benchmarks/hf_coverage.py [--families qwen2_moe,mixtral] [--compile] [--json out.json] [--md docs/hf_coverage.md]
+
+For every model family whose modeling file uses `@use_experts_implementation`, a tiny causal LM is
+built from the family's config class (sizes shrunk by name: hidden 32, 8 experts, k 2, 2 layers,
+...; families whose config does not build that way are listed with the error), in fp32 train mode
+with decisive routers (router std 0.4, experts std 0.25, random expert bias). Then:
+- experts implementation: `hf.register(model)` (experts on moe_kit, transformers' router);
+- convert: `hf.convert(model)` (the whole block a MoELayer); convert_back restores the blocks and
+  the state_dict must load strictly into a fresh model of the class;
+- compile (with --compile): `torch.compile(model, fullgraph=True, backend="aot_eager")`, forward
+  and backward, in both modes.
+Each cell is the worst normwise relative error of the logits and of every parameter's gradient
+against transformers' eager experts, or the reason it is refused. Data first (--json), the
+markdown table is made from it (--md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import time
+import warnings
+
+import torch
+
+import transformers
+from moe_kit.integrations import hf
+from moe_kit.integrations.hf.convert import _convert
+from moe_kit.integrations.hf.specs import VERIFIED
+
+SHRINK = dict(
+    vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8, num_local_experts=8,
+    n_routed_experts=8, moe_num_experts=8, num_experts_per_tok=2, moe_topk=2, max_position_embeddings=64,
+    first_k_dense_replace=0, n_group=2, topk_group=1, shared_expert_intermediate_size=24,
+    shared_intermediate_size=24, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8,
+    v_head_dim=8, router_jitter_noise=0.0, input_jitter_noise=0.0, sliding_window=16, pad_token_id=0,
+    bos_token_id=1, eos_token_id=2, use_cache=False,
+)
+SEQ = 8
+
+
+def moe_families() -> list[str]:
+    root = os.path.dirname(transformers.__file__)
+    found = []
+    for path in sorted(glob.glob(os.path.join(root, "models", "*", "modeling_*.py"))):
+        with open(path) as f:
+            if "@use_experts_implementation" in f.read():
+                found.append(os.path.basename(os.path.dirname(path)))
+    return found
+
+
+def tiny_model(family: str):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if family not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise LookupError("no causal-LM class")
+    config_cls = CONFIG_MAPPING[family]
+    defaults = config_cls().to_dict()
+    kwargs = {k: v for k, v in SHRINK.items() if k in defaults}
+    config = config_cls(**kwargs)
+    model_cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[family])
+    torch.manual_seed(0)
+    return model_cls(config)
+
+
+@torch.no_grad()
+def strengthen(model):
+    for name, module in model.named_modules():
+        if hasattr(module, "gate_up_proj") and hasattr(module, "down_proj"):
+            module.gate_up_proj.normal_(0.0, 0.25)
+            module.down_proj.normal_(0.0, 0.25)
+        if name.endswith(("mlp.gate", "mlp.router", "moe.gate", "block_sparse_moe.gate")):
+            for p in module.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, 0.4)
+        for attr in ("e_score_correction_bias", "expert_bias"):
+            tensor = getattr(module, attr, None)
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                tensor.normal_(0.0, 0.05)
+    return model
+
+
+def rel(a, b, floor=1e-8):
+    return float((a.double() - b.double()).norm() / max(float(b.double().norm()), floor))
+
+
+def run(model, ids, fn=None):
+    model.zero_grad(set_to_none=True)
+    out = (fn or model)(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def parity(got, ref) -> float:
+    (logits, grads), (ref_logits, ref_grads) = got, ref
+    worst = rel(logits, ref_logits)
+    for name, grad in ref_grads.items():
+        if name in grads:
+            worst = max(worst, rel(grads[name], grad))
+        elif grad.abs().max() > 0:
+            return float("inf")
+    return worst
+
+
+def short(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"{type(error).__name__}: {text}"[:220]
+
+
+def measure(family: str, do_compile: bool) -> dict:
+    row = {"family": family}
+    try:
+        base = strengthen(tiny_model(family)).train()
+    except Exception as error:  # noqa: BLE001 - record why the tiny model does not build
+        row["build"] = short(error)
+        return row
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    ids = torch.randint(3, 96, (2, SEQ), generator=torch.Generator().manual_seed(1))
+
+    def fresh():
+        model = tiny_model(family)
+        model.load_state_dict(state)
+        return model.train()
+
+    try:
+        ref = run(fresh(), ids)
+    except Exception as error:  # noqa: BLE001
+        row["build"] = f"eager forward fails: {short(error)}"
+        return row
+    row["build"] = "ok"
+    row["blocks"] = sorted({type(m).__name__ for m in base.modules() if hasattr(m, "experts")})
+    try:
+        model = fresh()
+        hf.register(model)
+        row["experts_impl"] = parity(run(model, ids), ref)
+    except Exception as error:  # noqa: BLE001
+        row["experts_impl"] = short(error)
+    try:
+        model = fresh()
+        verified = all(b in VERIFIED for b in row["blocks"])
+        _convert(model, {}, verified_only=False)
+        got = run(model, ids)
+        row["convert"] = parity(got, ref)
+        row["verified"] = verified
+        hf.convert_back(model)
+        clean = tiny_model(family)
+        clean.load_state_dict(model.state_dict())
+        row["convert_back"] = parity(run(clean.train(), ids), ref)
+    except Exception as error:  # noqa: BLE001
+        row.setdefault("convert", short(error))
+        row.setdefault("convert_back", "-")
+    if do_compile:
+        for mode in ("experts_impl", "convert"):
+            if not isinstance(row.get(mode), float):
+                row[f"compile_{mode}"] = "-"
+                continue
+            try:
+                torch._dynamo.reset()
+                model = fresh()
+                if mode == "experts_impl":
+                    hf.register(model)
+                else:
+                    _convert(model, {}, verified_only=False)
+                compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+                row[f"compile_{mode}"] = parity(run(model, ids, compiled), ref)
+            except Exception as error:  # noqa: BLE001
+                row[f"compile_{mode}"] = short(error)
+    return row
+
+
+def cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.1e}"
+    if value is None:
+        return "-"
+    return str(value).replace("|", "/")
+
+
+def markdown(rows: list[dict], env: dict) -> str:
+    lines = [
+        "# transformers MoE families on moe_kit",
+        "",
+        f"Generated by `python benchmarks/hf_coverage.py` on transformers {env['transformers']}, torch {env['torch']} "
+        f"({env['machine']}). Tiny fp32 models from each family's config class, train mode; each number is the worst "
+        "normwise relative error of logits and parameter gradients against transformers' eager experts. "
+        "`convert` numbers for blocks not in `specs.VERIFIED` are measured with the check bypassed; "
+        "`hf.convert` itself refuses them.",
+        "",
+        "| family | MoE block | experts implementation | convert | convert_back | compile (experts impl.) "
+        "| compile (convert) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row.get("build") != "ok":
+            lines.append(f"| {row['family']} | not built: {cell(row.get('build'))} | | | | | |")
+            continue
+        convert = cell(row.get("convert"))
+        if isinstance(row.get("convert"), float) and not row.get("verified"):
+            convert += " (not in VERIFIED)"
+        lines.append(
+            f"| {row['family']} | {', '.join(row.get('blocks', []))} | {cell(row.get('experts_impl'))} | {convert} "
+            f"| {cell(row.get('convert_back'))} | {cell(row.get('compile_experts_impl'))} "
+            f"| {cell(row.get('compile_convert'))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", default=None, help="comma-separated model types (default: every MoE family)")
+    parser.add_argument("--compile", action="store_true", help="also torch.compile(fullgraph=True) both modes")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--md", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    transformers.logging.set_verbosity_error()
+    families = args.families.split(",") if args.families else moe_families()
+    rows = []
+    for family in families:
+        start = time.time()
+        row = measure(family, args.compile)
+        row["seconds"] = round(time.time() - start, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    env = dict(transformers=transformers.__version__, torch=torch.__version__,
+               machine=f"{platform.machine()} CPU, {platform.python_version()}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(env=env, rows=rows), f, indent=1)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(markdown(rows, env))
+
+
+if __name__ == "__main__":
+    main()
