@@ -108,12 +108,12 @@ class HFEagerLoop(HFEagerMoEBlock):
 class _HFExpertsView:
     """The attributes transformers' experts forwards read from `self`, over a MoELayer's weights."""
 
-    def __init__(self, layer: MoELayer):
+    def __init__(self, layer: MoELayer, act):
         self._layer = layer
         self.num_experts = layer.cfg.num_experts
         self.has_gate, self.has_bias, self.is_transposed = True, False, False
         self.has_post_expert_norm, self._is_expert_parallel = False, False
-        self.act_fn = F.silu
+        self._act = act
 
     @property
     def gate_up_proj(self):
@@ -125,31 +125,35 @@ class _HFExpertsView:
 
     def _apply_gate(self, gate_up_out):
         gate, up = gate_up_out.chunk(2, dim=-1)
-        return self.act_fn(gate) * up
+        return self._act(gate, up)
 
 
-class HFExperts(HFEagerMoEBlock):
-    """HF's router (as HFEagerMoEBlock) + one of transformers' own experts implementations,
-    `impl` = "grouped_mm" (the transformers 5.x default) or "batched_mm", from
-    transformers.integrations.moe, on a MoELayer's weights (softmax routers only)."""
+HF_IMPLEMENTATIONS = ("grouped_mm", "batched_mm")
+
+
+class HFExperts(HFEagerLoop):
+    """HFEagerLoop with the per-expert loop replaced by one of transformers' own experts
+    implementations from transformers.integrations.moe: `impl` = "grouped_mm" (the transformers
+    5.x default) or "batched_mm" (gathers every slot's expert weights: S * 3*I*D floats).
+    Same routing and shared experts as HFEagerLoop, on a MoELayer's weights."""
 
     def __init__(self, layer: MoELayer, impl: str = "grouped_mm"):
         super().__init__(layer)
         from transformers.integrations import moe as hf_moe
 
+        if impl not in HF_IMPLEMENTATIONS:
+            raise ValueError(f"unknown HF experts implementation {impl!r}; choose from {list(HF_IMPLEMENTATIONS)}")
         self.impl = impl
-        self._forward = {"grouped_mm": hf_moe.grouped_mm_experts_forward,
-                         "batched_mm": hf_moe.batched_mm_experts_forward}[impl]
-        self._view = _HFExpertsView(layer)
-
-    def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
-        out = super().forward(hidden_states)
-        if self.layer.shared_experts is not None:
-            out = out + self.layer.shared_experts(hidden_states)
-        return out
+        self._hf_forward = getattr(hf_moe, f"{impl}_experts_forward")
+        self._view = _HFExpertsView(layer, self._act)
 
     def _experts(self, hidden_states, top_k_index, top_k_weights):
-        return self._forward(self._view, hidden_states, top_k_index, top_k_weights)
+        return self._hf_forward(self._view, hidden_states, top_k_index, top_k_weights)
+
+
+def batched_mm_bytes(cfg: MoEConfig, tokens: int, element_size: int = 4) -> int:
+    """Bytes of the per-slot weight copies HF's batched_mm makes (gate_up and down of N*k slots)."""
+    return tokens * cfg.top_k * 3 * cfg.intermediate_size * cfg.hidden_size * element_size
 
 
 class DenseSwiGLU(nn.Module):

@@ -1,6 +1,6 @@
 """Coverage of transformers' MoE families by moe_kit.integrations.hf, measured on the installed transformers.
 
-    python benchmarks/hf_coverage.py [--families qwen2_moe,mixtral] [--compile] [--json out.json] [--md docs/hf_coverage.md]
+    python benchmarks/hf_coverage.py [--families qwen2_moe,mixtral] [--compile] [--json OUT] [--md docs/hf_coverage.md]
 
 For every model family whose modeling file uses `@use_experts_implementation`, a tiny causal LM is
 built from the family's config class (sizes shrunk by name: hidden 32, 8 experts, k 2, 2 layers,
@@ -27,8 +27,9 @@ import time
 import warnings
 
 import torch
-
 import transformers
+
+import moe_kit
 from moe_kit.integrations import hf
 from moe_kit.integrations.hf.convert import _convert
 from moe_kit.integrations.hf.specs import VERIFIED
@@ -55,7 +56,20 @@ def moe_families() -> list[str]:
     return found
 
 
-def tiny_model(family: str):
+# Second tries for configs the plain shrink does not build: MLA attention wants as many KV heads
+# as query heads, some configs leave the shared-expert count unset.
+DROP = object()  # leave the config's default
+RETRIES = (
+    {},
+    dict(num_key_value_heads=4),
+    dict(num_key_value_heads=4, head_dim=DROP),
+    dict(num_key_value_heads=4, head_dim=DROP, n_group=1, topk_group=1),
+    dict(num_key_value_heads=4, head_dim=DROP, n_group=1, topk_group=1, n_shared_experts=1, num_shared_experts=1),
+)
+MAX_PARAMS = 5_000_000  # a config the shrink did not reach (e.g. a nested text_config) is not built
+
+
+def tiny_model(family: str, retry: int = 0):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -63,11 +77,31 @@ def tiny_model(family: str):
         raise LookupError("no causal-LM class")
     config_cls = CONFIG_MAPPING[family]
     defaults = config_cls().to_dict()
-    kwargs = {k: v for k, v in SHRINK.items() if k in defaults}
+    kwargs = {k: v for k, v in {**SHRINK, **RETRIES[retry]}.items() if k in defaults and v is not DROP}
     config = config_cls(**kwargs)
     model_cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[family])
+    with torch.device("meta"):
+        size = sum(p.numel() for p in model_cls(config).parameters())
+    if size > MAX_PARAMS:
+        raise LookupError(f"the shrunk config still has {size / 1e6:.0f}M parameters (nested sub-configs?)")
     torch.manual_seed(0)
     return model_cls(config)
+
+
+def first_building(family: str):
+    """(retry index, model, ids, eager result) of the first shrink that builds and runs."""
+    ids = torch.randint(3, 96, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    error = None
+    for retry in range(len(RETRIES)):
+        try:
+            model = strengthen(tiny_model(family, retry)).train()
+            state = {k: v.clone() for k, v in model.state_dict().items()}
+            return retry, state, ids, run(model, ids)
+        except LookupError:
+            raise
+        except Exception as caught:  # noqa: BLE001 - try the next shrink
+            error = caught
+    raise error
 
 
 @torch.no_grad()
@@ -84,6 +118,9 @@ def strengthen(model):
             tensor = getattr(module, attr, None)
             if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
                 tensor.normal_(0.0, 0.05)
+        if isinstance(getattr(module, "tid2eid", None), torch.Tensor):  # hash layers: a balanced table
+            vocab, top_k = module.tid2eid.shape
+            module.tid2eid.copy_(moe_kit.hash_table(vocab, module.num_experts, top_k, seed=1))
     return model
 
 
@@ -91,10 +128,14 @@ def rel(a, b, floor=1e-8):
     return float((a.double() - b.double()).norm() / max(float(b.double().norm()), floor))
 
 
-def run(model, ids, fn=None):
+def run(model, ids, fn=None, converted=False):
+    """Logits and {name: grad}; with `converted`, grads are read after convert_back (the same
+    parameter objects under the transformers names)."""
     model.zero_grad(set_to_none=True)
     out = (fn or model)(input_ids=ids, labels=ids)
     out.loss.backward()
+    if converted:
+        hf.convert_back(model)
     return out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -117,25 +158,21 @@ def short(error: BaseException) -> str:
 def measure(family: str, do_compile: bool) -> dict:
     row = {"family": family}
     try:
-        base = strengthen(tiny_model(family)).train()
-    except Exception as error:  # noqa: BLE001 - record why the tiny model does not build
+        retry, state, ids, ref = first_building(family)
+    except Exception as error:  # noqa: BLE001 - record why the tiny model does not build or run
         row["build"] = short(error)
         return row
-    state = {k: v.clone() for k, v in base.state_dict().items()}
-    ids = torch.randint(3, 96, (2, SEQ), generator=torch.Generator().manual_seed(1))
 
     def fresh():
-        model = tiny_model(family)
+        model = tiny_model(family, retry)
         model.load_state_dict(state)
         return model.train()
 
-    try:
-        ref = run(fresh(), ids)
-    except Exception as error:  # noqa: BLE001
-        row["build"] = f"eager forward fails: {short(error)}"
-        return row
     row["build"] = "ok"
-    row["blocks"] = sorted({type(m).__name__ for m in base.modules() if hasattr(m, "experts")})
+    row["blocks"] = sorted({type(m).__name__ for m in fresh().modules() if hf.is_moe_block(m)})
+    if not row["blocks"]:
+        row["build"] = "the tiny config has no MoE layer"
+        return row
     try:
         model = fresh()
         hf.register(model)
@@ -146,11 +183,9 @@ def measure(family: str, do_compile: bool) -> dict:
         model = fresh()
         verified = all(b in VERIFIED for b in row["blocks"])
         _convert(model, {}, verified_only=False)
-        got = run(model, ids)
-        row["convert"] = parity(got, ref)
+        row["convert"] = parity(run(model, ids, converted=True), ref)
         row["verified"] = verified
-        hf.convert_back(model)
-        clean = tiny_model(family)
+        clean = tiny_model(family, retry)
         clean.load_state_dict(model.state_dict())
         row["convert_back"] = parity(run(clean.train(), ids), ref)
     except Exception as error:  # noqa: BLE001
@@ -169,7 +204,7 @@ def measure(family: str, do_compile: bool) -> dict:
                 else:
                     _convert(model, {}, verified_only=False)
                 compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-                row[f"compile_{mode}"] = parity(run(model, ids, compiled), ref)
+                row[f"compile_{mode}"] = parity(run(model, ids, compiled, converted=mode == "convert"), ref)
             except Exception as error:  # noqa: BLE001
                 row[f"compile_{mode}"] = short(error)
     return row

@@ -11,6 +11,10 @@ hidden and intermediate sizes so big presets fit a CPU):
   hf_eager           HuggingFace's eager per-expert loop (baselines.HFEagerLoop): HF's own
                      softmax router for Mixtral / Qwen3-MoE, the layer's gate output for routing
                      HF's eager block lacks (sigmoid, sqrtsoftplus, groups, bias, hash, scaling)
+  hf_grouped_mm      the same routing, experts by transformers' `grouped_mm` implementation
+                     (transformers.integrations.moe; the 5.x default experts implementation)
+  hf_batched_mm      the same with transformers' `batched_mm` (per-slot weight copies; skipped at
+                     token counts where those copies exceed --batched-mm-limit-gib)
   dense              one SwiGLU MLP of width k*I + shared width: the same active expert FLOPs
 On CUDA the device's dense GEMM rate (one square matmul, --gemm-size) is recorded too.
 
@@ -34,17 +38,19 @@ import contextlib
 import copy
 import datetime
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
 import subprocess
 import sys
+import time
 
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from baselines import DenseSwiGLU, HFEagerLoop, hf_router_matches  # noqa: E402
+from baselines import HF_IMPLEMENTATIONS, DenseSwiGLU, HFEagerLoop, HFExperts, batched_mm_bytes, hf_router_matches  # noqa: E402,E501
 from timing import time_interleaved  # noqa: E402
 
 import moe_kit  # noqa: E402
@@ -99,14 +105,21 @@ class DenseProvider(DenseSwiGLU):
         return super().forward(x)
 
 
-def make_providers(layer: MoELayer, backends: list[str]) -> dict[str, nn.Module]:
-    """{row name: module(x, input_ids)}; every MoE provider shares `layer`'s gate and weights."""
+def make_providers(layer: MoELayer, backends: list[str], hf: tuple[str, ...] = ("eager", *HF_IMPLEMENTATIONS)
+                   ) -> dict[str, nn.Module]:
+    """{row name: module(x, input_ids)}; every MoE provider shares `layer`'s gate and weights.
+    `hf`: which HF providers ("eager", "grouped_mm", "batched_mm"); those needing transformers are
+    left out when it is not installed."""
     cfg = layer.cfg
     providers = {}
     for backend in backends:
         wrapper = layer if backend == cfg.backend else _sharing(layer, backend)
         providers[f"moe_kit_{backend}"] = wrapper
-    providers["hf_eager"] = HFEagerLoop(layer)
+    if "eager" in hf:
+        providers["hf_eager"] = HFEagerLoop(layer)
+    for impl in HF_IMPLEMENTATIONS:
+        if impl in hf and importlib.util.find_spec("transformers") is not None:
+            providers[f"hf_{impl}"] = HFExperts(layer, impl)
     width = cfg.top_k * cfg.intermediate_size + (cfg.shared_intermediate_size if cfg.num_shared_experts else 0)
     weight = layer.experts.gate_up_proj
     with torch.device(weight.device), _default_dtype(weight.dtype):
@@ -290,12 +303,21 @@ class Progress:
         self.total, self.done, self.label = total, 0, ""
         self.enabled = enabled
         self.tty = enabled and sys.stderr.isatty()
+        self.start = time.monotonic()
+
+    def eta(self) -> str:
+        """Estimated time left from the mean time per finished unit so far ("?" before the first)."""
+        if not self.done:
+            return "?"
+        left = (time.monotonic() - self.start) / self.done * max(self.total - self.done, 0)
+        return f"{left // 60:.0f}m{left % 60:02.0f}s" if left >= 60 else f"{left:.0f}s"
 
     def update(self, n: int = 1) -> None:
         self.done += n
         if self.tty:
             filled = round(30 * self.done / max(self.total, 1))
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {self.label}\033[K")
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {self.label}"
+                             f" (~{self.eta()} left)\033[K")
             sys.stderr.flush()
 
     def log(self, message: str) -> None:
@@ -328,20 +350,22 @@ def markdown_table(data: dict) -> str:
         f"{_threads(env)}), torch {env['torch']}, triton {env['triton'] or '-'}, {env['date'][:10]}. "
         f"Median of {cfg['repeats']} interleaved repeats (min-max).{_load_note(env)}",
         "",
-        f"| pass | tokens | provider | median ms | min-max ms | {unit} | speed-up vs hf_eager | time / dense |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        f"| pass | tokens | provider | median ms | min-max ms | {unit} | speed-up vs hf_grouped_mm "
+        "(HF default) | speed-up vs hf_eager | time / dense |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     by_cell = {}
     for r in rows:
         by_cell.setdefault((r["pass"], r["tokens"]), {})[r["backend"]] = r
     for (pass_, tokens), cell in by_cell.items():
-        hf, dense = cell.get("hf_eager"), cell.get("dense")
+        hf, hf_default, dense = cell.get("hf_eager"), cell.get("hf_grouped_mm"), cell.get("dense")
         for name, r in cell.items():
+            vs_default = f"{hf_default['ms'] / r['ms']:.2f}x" if hf_default else "-"
             speedup = f"{hf['ms'] / r['ms']:.2f}x" if hf else "-"
             vs_dense = f"{r['ms'] / dense['ms']:.2f}x" if dense else "-"
             lines.append(
                 f"| {pass_} | {tokens} | {name} | {r['ms']:.2f} | {r['ms_min']:.2f}-{r['ms_max']:.2f} | "
-                f"{r['tflops'] * factor:.{1 if small else 2}f} | {speedup} | {vs_dense} |"
+                f"{r['tflops'] * factor:.{1 if small else 2}f} | {vs_default} | {speedup} | {vs_dense} |"
             )
     if data.get("dense_gemm"):
         g = data["dense_gemm"]
@@ -419,7 +443,11 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--layer-id", type=int, default=None,
                         help="layer id of the MoELayer (default: the first score-routed layer of the preset)")
-    parser.add_argument("--no-hf", action="store_true", help="skip the hf_eager provider")
+    parser.add_argument("--no-hf", action="store_true", help="skip every HF provider")
+    parser.add_argument("--hf", default="eager,grouped_mm,batched_mm",
+                        help="comma-separated HF providers: eager, grouped_mm, batched_mm")
+    parser.add_argument("--batched-mm-limit-gib", type=float, default=2.0,
+                        help="skip hf_batched_mm at token counts whose per-slot weight copies exceed this")
     parser.add_argument("--gemm-size", type=int, default=None,
                         help="size of the square matmul giving the device GEMM rate (default 8192 on cuda, off on cpu)")
     parser.add_argument("--seed", type=int, default=0)
@@ -428,20 +456,26 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def render(out_dir) -> dict:
-    """(Re)write DIR/results.md and DIR/results.png from DIR/results.json."""
+def render(out_dir, report: bool = False) -> dict:
+    """(Re)write DIR/results.md and DIR/results.png from DIR/results.json; `report`: say so on stdout."""
     with open(os.path.join(out_dir, "results.json")) as f:
         data = json.load(f)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
+    written = [os.path.join(out_dir, "results.md"), os.path.join(out_dir, "results.png")]
+    with open(written[0], "w") as f:
         f.write(markdown_table(data))
-    plot_results(data, os.path.join(out_dir, "results.png"))
+    plot_results(data, written[1])
+    if report:
+        print(f"rendered {len(data['rows'])} rows of {os.path.join(out_dir, 'results.json')}: wrote "
+              + ", ".join(written))
     return data
 
 
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--render"]:  # python benchmarks/moe_bench.py --render DIR [DIR ...]
-        return {out_dir: render(out_dir) for out_dir in argv[1:]}
+        if len(argv) < 2:
+            raise SystemExit("--render needs at least one directory holding results.json")
+        return {out_dir: render(out_dir, report=True) for out_dir in argv[1:]}
     args = parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -463,9 +497,11 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     with torch.device(device), _default_dtype(dtype):
         layer = MoELayer(cfg, layer_id)
-    providers = make_providers(layer, backends)
-    if args.no_hf:
-        providers.pop("hf_eager")
+    hf = () if args.no_hf else tuple(name.strip() for name in args.hf.split(",") if name.strip())
+    unknown = set(hf) - {"eager", *HF_IMPLEMENTATIONS}
+    if unknown:
+        raise SystemExit(f"--hf: unknown {sorted(unknown)}; choose from eager, {', '.join(HF_IMPLEMENTATIONS)}")
+    providers = make_providers(layer, backends, hf)
     hashed = isinstance(layer.gate, HashGate)
     config = dict(
         preset=args.preset, scale=args.scale, layer_id=layer_id, hash_routed=hashed,
@@ -476,8 +512,16 @@ def main(argv=None) -> dict:
     )
     env = environment(device, dtype, argv)
     progress = Progress(len(tokens_list) * len(passes) * (args.warmup + args.repeats), enabled=not args.quiet)
-    rows = []
+    rows, skipped = [], []
+    all_providers = providers
     for tokens in tokens_list:
+        providers = dict(all_providers)
+        copies = batched_mm_bytes(cfg, tokens, dtype.itemsize)
+        if "hf_batched_mm" in providers and copies > args.batched_mm_limit_gib * 2**30:
+            providers.pop("hf_batched_mm")
+            reason = f"weight copies {copies / 2**30:.1f} GiB"
+            skipped.append(dict(provider="hf_batched_mm", tokens=tokens, reason=reason))
+            progress.log(f"hf_batched_mm skipped at N={tokens}: weight copies {copies / 2**30:.1f} GiB > limit")
         gen = torch.Generator().manual_seed(args.seed + tokens)
         x = torch.randn(tokens, cfg.hidden_size, generator=gen).to(device=device, dtype=dtype)
         grad_out = torch.randn(tokens, cfg.hidden_size, generator=gen).to(device=device, dtype=dtype)
@@ -496,14 +540,14 @@ def main(argv=None) -> dict:
                     "samples_ms": r["samples_ms"],
                 })
             progress.log(f"{args.preset} {pass_} N={tokens}: " + ", ".join(
-                f"{name} {r['median_ms']:.2f} ms" for name, r in results.items()))
+                f"{name} {r['median_ms']:.2f} ms" for name, r in results.items()) + f" (~{progress.eta()} left)")
         for _, module in providers.items():
             _clear_grads(module)
     progress.close()
     env["load_average_1m_end"] = _load_average()
 
     gemm_size = args.gemm_size if args.gemm_size is not None else (8192 if device.type == "cuda" else 0)
-    data = dict(environment=env, config=config, rows=rows)
+    data = dict(environment=env, config=config, rows=rows, skipped=skipped)
     if gemm_size > 0:
         data["dense_gemm"] = dense_gemm_rate(device, dtype, gemm_size)
     os.makedirs(args.out, exist_ok=True)

@@ -1,11 +1,14 @@
-"""Routing collapse and two cures: one tiny MoE language model trained three ways on CPU.
+"""Routing collapse and its cures: one tiny MoE language model trained five ways on CPU.
 
     python examples/routing_collapse.py [--steps 300] [--out routing_collapse]
 
 The same model (same initial weights, same batches) is trained with
   none      softmax top-k routing and no balancing at all,
   aux_loss  the same plus the Switch load-balancing loss (aux_loss_coef),
-  noaux_tc  the same plus DeepSeek's aux-loss-free expert bias (update_expert_bias after each step).
+  noaux_tc  the same plus DeepSeek's aux-loss-free expert bias (update_expert_bias after each step),
+  sinkhorn  top-k of the Sinkhorn-balanced scores in training (Megatron's "sinkhorn"; eval: plain top-k),
+  expert_choice  each expert takes its top C = ceil(k * N / E) tokens of the batch (Zhou et al. 2022):
+            balanced by construction, same expert FLOPs as top-k; not causal (routing sees the whole batch).
 A moe_kit.stats.RoutingMonitor records every layer's expert load at every step. Writes
   OUT/collapse.json        per mode: final max/mean load (held-out batch), loss, routing history
   OUT/collapse.png         per mode a heatmap of layers x experts load over steps, and max/mean load
@@ -28,7 +31,7 @@ import moe_kit
 from moe_kit import MoEConfig, MoELayer
 from moe_kit.stats import RoutingMonitor, plot_routing
 
-MODES = ("none", "aux_loss", "noaux_tc")
+MODES = ("none", "aux_loss", "noaux_tc", "sinkhorn", "expert_choice")
 
 
 class Block(nn.Module):
@@ -99,6 +102,10 @@ def mode_config(mode: str, args) -> MoEConfig:
         return base.replace(aux_loss_coef=args.aux_coef)
     if mode == "noaux_tc":
         return base.replace(expert_bias=True, bias_update_rate=args.bias_rate)
+    if mode == "sinkhorn":
+        return base.replace(routing="sinkhorn")
+    if mode == "expert_choice":  # capacity factor k: E * C = k * N expert slots, as top-k uses
+        return base.replace(routing="expert_choice", capacity_factor=float(args.top_k))
     return base
 
 
@@ -123,7 +130,7 @@ def train(mode: str, args) -> dict:
         monitor.record(step)
         if step == 1 or step % max(1, args.steps // 5) == 0 or step == args.steps:
             worst = max(r["max_over_mean"] or 0 for r in monitor.history[-args.layers:])
-            print(f"  {mode:<9} step {step:4d}  loss {loss.item():.3f}  worst max/mean load {worst:.2f}"
+            print(f"  {mode:<13} step {step:4d}  loss {loss.item():.3f}  worst max/mean load {worst:.2f}"
                   f"  ({time.perf_counter() - start:.1f}s)", flush=True)
     monitor.close()
 
@@ -132,6 +139,8 @@ def train(mode: str, args) -> dict:
         inputs, targets = held_out
         eval_loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten()).item()
     final = {name: s.max_over_mean_load for name, s in moe_kit.routing_stats(model).items()}
+    unrouted = [float(m.unrouted_fraction) for m in model.modules()
+                if getattr(m, "unrouted_fraction", None) is not None]
     tail = losses[-max(1, len(losses) // 10):]
     return dict(
         max_over_mean_load=max(final.values()),  # worst layer, held-out batch
@@ -139,6 +148,8 @@ def train(mode: str, args) -> dict:
         mean_max_over_mean_load=sum(final.values()) / len(final),
         loss=sum(tail) / len(tail),  # mean training loss over the last 10% of steps
         eval_loss=eval_loss,
+        unrouted_fraction=max(unrouted) if unrouted else None,  # expert choice: share of tokens no expert took
+        train_max_over_mean_load=max(r["max_over_mean"] or 0 for r in monitor.history[-args.layers:]),  # last step
         loss_curve=losses,
         seconds=time.perf_counter() - start,
         history=monitor.history,
@@ -193,18 +204,21 @@ def main(argv=None) -> dict:
     else:
         plot_routing({m: r["history"] for m, r in results.items()}, os.path.join(args.out, "collapse.png"), dpi=90,
                      title=f"{args.layers} MoE layers, {args.experts} experts, top-{args.top_k}, softmax router: "
-                           f"no balancing vs Switch aux loss vs aux-loss-free bias")
+                           f"no balancing vs aux loss vs aux-loss-free bias vs Sinkhorn vs expert choice")
         for mode, r in results.items():
             monitor = RoutingMonitor()
             monitor.history = r["history"]
             monitor.plot(os.path.join(args.out, f"load_{mode}.png"), title=f"balancing: {mode}")
 
-    print(f"\n{'mode':<9} {'max/mean load (worst layer)':>28} {'mean over layers':>17} {'train loss':>11} "
-          f"{'eval loss':>10}")
+    print(f"\n{'mode':<13} {'max/mean load (worst layer)':>28} {'mean over layers':>17} {'train loss':>11} "
+          f"{'eval loss':>10} {'unrouted':>9} {'last train step':>16}")
     for mode, s in summary.items():
-        print(f"{mode:<9} {s['max_over_mean_load']:>28.2f} {s['mean_max_over_mean_load']:>17.2f} "
-              f"{s['loss']:>11.3f} {s['eval_loss']:>10.3f}")
-    print(f"(loss floor of the data: log 4 = {math.log(4):.3f}; wrote {args.out}/collapse.json and PNGs)")
+        unrouted = "-" if s["unrouted_fraction"] is None else f"{s['unrouted_fraction']:.3f}"
+        print(f"{mode:<13} {s['max_over_mean_load']:>28.2f} {s['mean_max_over_mean_load']:>17.2f} "
+              f"{s['loss']:>11.3f} {s['eval_loss']:>10.3f} {unrouted:>9} {s['train_max_over_mean_load']:>16.2f}")
+    print(f"(loss floor of the data: log 4 = {math.log(4):.3f}; 'last train step': worst layer's max/mean load in the "
+          "last training step, where sinkhorn routes by the balanced scores; the other columns are eval mode, "
+          f"where it routes by plain top-k; wrote {args.out}/collapse.json and PNGs)")
     return summary
 
 

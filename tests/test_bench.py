@@ -34,7 +34,8 @@ def test_tiny_sweep_writes_json_markdown_and_png(tmp_path):
         assert key in env
     assert env["device"] == "cpu" and env["torch"] == torch.__version__
 
-    providers = [f"moe_kit_{b}" for b in moe_bench.available_backends(torch.device("cpu"))] + ["hf_eager", "dense"]
+    hf = ["hf_eager", "hf_grouped_mm", "hf_batched_mm"]
+    providers = [f"moe_kit_{b}" for b in moe_bench.available_backends(torch.device("cpu"))] + hf + ["dense"]
     assert {"moe_kit_torch", "moe_kit_loop"} <= set(providers)
     cells = {(r["backend"], r["pass"], r["tokens"]) for r in saved["rows"]}
     assert cells == {(p, s, t) for p in providers for s in ("fwd", "fwdbwd") for t in (32, 64)}
@@ -67,9 +68,9 @@ def test_tiny_sweep_writes_json_markdown_and_png(tmp_path):
 )
 def test_routing_hf_lacks_goes_through_the_moe_kit_gate(tmp_path, preset, extra):
     data = run(tmp_path, "--preset", preset, "--scale", "0.01", "--tokens", "24", "--pass", "fwdbwd",
-               "--backends", "torch", *extra)
+               "--backends", "torch", "--hf", "eager,grouped_mm", *extra)
     assert data["config"]["hf_eager_routing"] == "hf_eager uses moe_kit's gate output"
-    assert {r["backend"] for r in data["rows"]} == {"moe_kit_torch", "hf_eager", "dense"}
+    assert {r["backend"] for r in data["rows"]} == {"moe_kit_torch", "hf_eager", "hf_grouped_mm", "dense"}
     assert all(r["max_rel_err"] <= 1e-4 for r in data["rows"] if r["backend"] != "dense")
     if preset == "deepseek-v4":
         assert data["config"]["hash_routed"]
@@ -92,8 +93,8 @@ def test_a_broken_backend_is_refused_before_timing(tmp_path, monkeypatch):
         def forward(self, x, input_ids=None):
             return self.inner(x, input_ids) * 1.001
 
-    def broken(layer, backends):
-        providers = real(layer, backends)
+    def broken(layer, backends, hf=()):
+        providers = real(layer, backends, hf)
         providers["moe_kit_torch"] = OffByOnePermille(providers["moe_kit_torch"])
         return providers
 
@@ -103,7 +104,7 @@ def test_a_broken_backend_is_refused_before_timing(tmp_path, monkeypatch):
     assert not (tmp_path / "results.json").exists()
 
 
-def test_render_rebuilds_table_and_plot_from_json(tmp_path):
+def test_render_rebuilds_table_and_plot_from_json(tmp_path, capsys):
     run(tmp_path, "--preset", "tiny", "--tokens", "16", "--pass", "fwd", "--backends", "torch")
     table = (tmp_path / "results.md").read_text()
     (tmp_path / "results.md").unlink()
@@ -111,12 +112,32 @@ def test_render_rebuilds_table_and_plot_from_json(tmp_path):
     moe_bench.main(["--render", str(tmp_path)])
     assert (tmp_path / "results.md").read_text() == table
     assert (tmp_path / "results.png").read_bytes().startswith(PNG_MAGIC)
+    said = capsys.readouterr().out
+    assert "wrote" in said and str(tmp_path / "results.md") in said and str(tmp_path / "results.png") in said
+
+
+def test_hf_providers_and_batched_mm_limit(tmp_path):
+    """hf_grouped_mm (HF's default) is the headline column; hf_batched_mm is skipped where its copies are too big."""
+    data = run(tmp_path, "--preset", "tiny", "--tokens", "8,64", "--pass", "fwd", "--backends", "torch",
+               "--hf", "grouped_mm,batched_mm", "--batched-mm-limit-gib", str(40 * 3 * 32 * 64 * 4 / 2**30))
+    cells = {(r["backend"], r["tokens"]) for r in data["rows"]}
+    assert ("hf_batched_mm", 8) in cells and ("hf_batched_mm", 64) not in cells and ("hf_grouped_mm", 64) in cells
+    assert data["skipped"] == [dict(provider="hf_batched_mm", tokens=64, reason=data["skipped"][0]["reason"])]
+    assert "speed-up vs hf_grouped_mm (HF default)" in (tmp_path / "results.md").read_text()
+
+
+def test_progress_estimates_time_left():
+    progress = moe_bench.Progress(10, enabled=False)
+    assert progress.eta() == "?"
+    progress.start -= 5.0  # 5 s for the first 2 units: 20 s for the 8 left
+    progress.update(2)
+    assert progress.eta() in ("20s", "19s", "21s")
 
 
 def test_gemm_rate_and_bad_arguments(tmp_path):
     data = run(tmp_path, "--preset", "tiny", "--tokens", "16", "--pass", "fwd", "--gemm-size", "64", "--no-hf")
     assert data["dense_gemm"]["size"] == 64 and data["dense_gemm"]["tflops"] > 0
-    assert "hf_eager" not in {r["backend"] for r in data["rows"]}
+    assert {r["backend"] for r in data["rows"]} == {"moe_kit_torch", "moe_kit_loop", "dense"}
     assert "Device dense GEMM rate" in (tmp_path / "results.md").read_text()
     with pytest.raises(SystemExit):
         run(tmp_path, "--preset", "tiny", "--tokens", "16", "--backends", "triton")
@@ -133,4 +154,4 @@ def test_scaled_presets_keep_routing_and_shrink_sizes():
     v3 = moe_bench.build_config("deepseek-v3", 0.125)
     full = MoEConfig.preset("deepseek-v3")
     assert v3.shared_intermediate_size == 256 and v3.n_groups == full.n_groups and v3.route_scale == full.route_scale
-    assert set(moe_bench.PRESET_NAMES) == {"mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3", "deepseek-v4", "tiny"}
+    assert {"mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3", "deepseek-v4", "tiny"} <= set(moe_bench.PRESET_NAMES)

@@ -9,7 +9,9 @@ error in routing or experts cannot hide in the logits.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ transformers = pytest.importorskip("transformers")
 import moe_kit  # noqa: E402
 from moe_kit import HashGate, MoELayer, TopKGate  # noqa: E402
 from moe_kit.integrations import hf  # noqa: E402
+from moe_kit.integrations.hf.convert import layer_applies_activation  # noqa: E402
 
 TOL = 1e-3  # normwise relative error, fp32
 VOCAB, SEQ = 96, 10
@@ -346,11 +349,28 @@ def test_layout_flags_are_refused(flags, match):
         hf.experts_swiglu_limit(experts)
 
 
+def test_gelu_experts_run_in_the_bridge_and_convert_says_what_it_needs():
+    eager_gelu = logits_and_grads(build("qwen3_moe", hidden_act="gelu"), ids_for())
+    model = build("qwen3_moe", hidden_act="gelu")
+    hf.register(model)
+    assert model.model.layers[0].mlp.experts._moe_kit_activation == "gelu"
+    assert_same_function(logits_and_grads(model, ids_for()), eager_gelu)
+    model = build("qwen3_moe", hidden_act="gelu")
+    if layer_applies_activation("gelu"):
+        hf.convert(model)
+        assert_same_function(logits_and_grads(model, ids_for(), converted=True), eager_gelu)
+    else:  # MoELayer does not pass cfg.activation to its experts yet
+        with pytest.raises(ValueError, match="does not apply MoEConfig.activation='gelu'"):
+            hf.convert(model)
+
+
 def test_activation_and_gate_mismatches_are_refused():
-    with pytest.raises(ValueError, match="activation is GELU"):
-        hf.register(build("qwen3_moe", hidden_act="gelu"))
-    with pytest.raises(ValueError, match="activation is GELU"):
-        hf.convert(build("qwen3_moe", hidden_act="gelu"))
+    model = build("qwen3_moe")
+    model.model.layers[0].mlp.experts.act_fn = nn.Tanh()
+    with pytest.raises(ValueError, match="activation is Tanh"):
+        hf.register(model)
+    with pytest.raises(ValueError, match="activation is Tanh"):
+        hf.convert(model)
     experts = build("deepseek_v4").model.layers[1].mlp.experts
     assert hf.experts_swiglu_limit(experts) == pytest.approx(0.8)
     experts._apply_gate = lambda h: torch.sigmoid(h.chunk(2, -1)[0]) * h.chunk(2, -1)[1]
@@ -381,3 +401,206 @@ def test_bridge_rejects_expert_parallel_and_bad_backend():
     with pytest.raises(ValueError, match="unknown backend"):
         hf.register(backend="cuda-magic")
     hf.register()  # back to the default backend for the other tests
+
+
+# ----------------------------------------------------------------------------- checkpoints of converted models
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_converted_model_saves_under_transformers_names(family, eager, tmp_path):
+    """state_dict / save_pretrained of a converted model: the transformers keys, so a plain
+    from_pretrained of the transformers class is exact (no convert_back)."""
+    model = build(family)
+    keys = list(model.state_dict())
+    hf.convert(model)
+    state = model.state_dict()
+    assert list(state) == keys  # same names, same order
+    model.load_state_dict(state)  # and the converted model loads them back (strict)
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).train()
+    assert type(reloaded) is type(FAMILIES[family][0]())
+    assert_same_function(logits_and_grads(reloaded, ids_for()), eager[family])
+
+
+def test_converted_deepseek_checkpoint_keeps_fp32_router_and_trained_bias(tmp_path):
+    """transformers' _keep_in_fp32_modules_strict (e_score_correction_bias, gate.weight) still
+    matches the saved names, and a bias trained by moe_kit is the one transformers loads."""
+    model = build("deepseek_v3")
+    hf.convert(model)
+    model.model.layers[1].mlp.gate.expert_bias.add_(0.25)
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    gate = reloaded.model.layers[1].mlp.gate
+    assert gate.e_score_correction_bias.dtype == torch.float32 and gate.weight.dtype == torch.float32
+    assert reloaded.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    assert torch.equal(gate.e_score_correction_bias, model.model.layers[1].mlp.gate.expert_bias)
+
+
+def test_converted_model_without_a_place_for_the_bias_keeps_it_under_its_own_name():
+    model = build("qwen3_moe")
+    hf.convert(model, expert_bias=True)
+    state = model.state_dict()
+    assert "model.layers.0.mlp.gate.expert_bias" in state  # no transformers name for it: kept, not dropped
+    again = build("qwen3_moe")
+    hf.convert(again, expert_bias=True)
+    again.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- meta-device models
+
+
+def _fill_non_persistent(model: nn.Module, reference: nn.Module) -> None:
+    """What from_pretrained does for buffers outside the state_dict (rotary inv_freq, ...)."""
+    buffers = dict(reference.named_buffers())
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = buffers[name].clone()
+    for name, module in model.named_modules():  # rotary modules keep a plain copy of inv_freq
+        if hasattr(module, "original_inv_freq") and module.original_inv_freq.is_meta:
+            module.original_inv_freq = reference.get_submodule(name).original_inv_freq.clone()
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "deepseek_v4"])
+def test_meta_build_register_convert_then_load(family, eager):
+    with torch.device("meta"):
+        model = FAMILIES[family][0]()
+    hf.register(model)  # the layout probes run on the CPU, not on the default (meta) device
+    assert hf.convert(model) == FAMILIES[family][1]
+    assert all(p.is_meta for p in model.parameters())
+    model.load_state_dict(_state(family), assign=True)  # transformers names, into the converted model
+    _fill_non_persistent(model, build(family))
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    model.train()
+    assert_same_function(logits_and_grads(model, ids_for(), converted=True), eager[family])
+
+
+def test_meta_convert_under_a_meta_default_device():
+    with torch.device("meta"):
+        model = FAMILIES["mixtral"][0]()
+        hf.convert(model)  # still inside the context: no probe may land on meta
+    assert isinstance(model.model.layers[0].mlp, MoELayer)
+
+
+# ----------------------------------------------------------------------------- hf.upcycle
+
+
+def _dense(kind: str):
+    common = dict(COMMON, intermediate_size=48)
+    if kind == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    if kind == "mistral":
+        return transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=None))
+    if kind == "qwen2":
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=8))
+
+
+@pytest.mark.parametrize("kind, target", [
+    pytest.param("llama", "MixtralForCausalLM", id="llama-mixtral"),
+    pytest.param("mistral", "MixtralForCausalLM", id="mistral-mixtral"),
+    pytest.param("qwen2", "Qwen2MoeForCausalLM", id="qwen2-qwen2moe"),
+    pytest.param("qwen3", "Qwen3MoeForCausalLM", id="qwen3-qwen3moe"),
+])
+def test_hf_upcycle_saves_a_checkpoint_of_the_moe_family(kind, target, tmp_path):
+    torch.manual_seed(0)
+    dense = _dense(kind).train()
+    moe = hf.upcycle(dense, num_experts=4, top_k=2)
+    assert type(moe).__name__ == target and moe.training
+    ids = ids_for()
+    with torch.no_grad():
+        want = dense(ids).logits
+        got = moe(ids).logits
+    assert rel_err(got, want) < 1e-5  # copies + renormalized routing: the dense function at init
+    moe.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no missing / unexpected keys, no re-initialization
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(reloaded).__name__ == target
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, got)
+        hf.register(reloaded)  # runs on moe_kit's experts
+        assert rel_err(reloaded(ids).logits, got) < 1e-6
+        hf.convert(reloaded)  # and as MoELayers
+        assert rel_err(reloaded(ids).logits, got) < 1e-6
+
+
+def test_hf_upcycle_refuses_other_models():
+    with pytest.raises(ValueError, match="causal LMs"):
+        hf.upcycle(build("mixtral"), num_experts=4, top_k=2)
+    with pytest.raises(ValueError, match="attention_bias"):
+        hf.upcycle(transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON, intermediate_size=48,
+                                                                          attention_bias=True)), 4, 2)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.parametrize("mode", ["experts_implementation", "convert"])
+def test_compile_fullgraph_matches_eager(mode):
+    """torch.compile(model, fullgraph=True) (aot_eager: dynamo + AOT autograd, no C++ build), forward
+    and backward, two token counts, no graph break (fullgraph raises on one)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2MoeConfig(**{**COMMON, "num_hidden_layers": 1}, intermediate_size=64,
+                                      moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8,
+                                      num_experts_per_tok=2)
+    model = _strengthen(transformers.Qwen2MoeForCausalLM(cfg)).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    if mode == "convert":
+        hf.convert(model)
+    else:
+        hf.register(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for seq in (SEQ, SEQ + 3):
+        ids = torch.randint(3, VOCAB, (2, seq), generator=torch.Generator().manual_seed(seq))
+        reference = transformers.Qwen2MoeForCausalLM(cfg)
+        reference.load_state_dict(state)
+        want = logits_and_grads(reference.train(), ids)
+        model.zero_grad(set_to_none=True)
+        out = compiled(ids, labels=ids)
+        out.loss.backward()
+        if mode == "convert":
+            hf.convert_back(model)
+        assert_same_function((out.logits.detach(), {n: p.grad for n, p in model.named_parameters()}), want)
+        if mode == "convert":
+            hf.convert(model)
+
+
+# ----------------------------------------------------------------------------- every family transformers has
+
+
+def _coverage():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "hf_coverage.py"
+    spec = importlib.util.spec_from_file_location("hf_coverage", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_verified_block_of_the_installed_transformers_matches_eager():
+    """The families whose tiny config builds (benchmarks/hf_coverage.py): convert (for blocks in
+    specs.VERIFIED), convert_back and the experts implementation all match eager."""
+    coverage = _coverage()
+    checked, failures = [], []
+    for family in coverage.moe_families():
+        row = coverage.measure(family, do_compile=False)
+        if row.get("build") != "ok" or not isinstance(row.get("experts_impl"), float):
+            continue
+        if not all(block in hf.VERIFIED for block in row["blocks"]):
+            continue
+        checked.append(family)
+        for column in ("experts_impl", "convert", "convert_back"):
+            if not (isinstance(row[column], float) and row[column] <= TOL):
+                failures.append((family, column, row[column]))
+    assert len(checked) >= 15, checked
+    assert not failures, failures
+
+
+def test_unverified_or_inexpressible_blocks_are_refused_with_the_family():
+    with pytest.raises(ValueError, match=r"no conversion for GptOssMLP \(gpt_oss\)"):
+        hf.convert(_gpt_oss())
+    cfg = transformers.Cohere2MoeConfig(**COMMON, intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+                                        num_shared_experts=1, shared_expert_combination_strategy="average")
+    with pytest.raises(ValueError, match=r"cohere2_moe\).*shared_expert_combination_strategy='average'"):
+        hf.convert(transformers.Cohere2MoeForCausalLM(cfg))

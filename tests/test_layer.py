@@ -651,3 +651,58 @@ def test_layer_non_contiguous_input():
     assert out.shape == x_t.shape
     assert rel_err(out, layer(x_t.contiguous())) <= 1e-6
     check_layer(layer, x_t)
+
+
+# ----------------------------------------------------------------------------- torch.compile(fullgraph=True)
+
+
+COMPILE_CONFIGS = {
+    "softmax": dict(),
+    "bias-groups-aux-z": dict(score_func="sigmoid", expert_bias=True, n_groups=2, topk_groups=1,
+                              aux_loss_coef=0.1, z_loss_coef=1e-2),
+    "capacity-position-router-bias": dict(capacity_factor=0.75, drop_policy="position", router_bias=True,
+                                          expert_bias=True),
+    "hash-shared-sequence-aux": dict(hash_routing=True, vocab_size=50, num_shared_experts=1, aux_loss_coef=0.1,
+                                     aux_loss_type="sequence"),
+}
+
+
+@pytest.mark.parametrize(
+    "name,masked",
+    [
+        pytest.param("softmax", False, id="softmax"),
+        pytest.param("bias-groups-aux-z", True, id="bias-groups-aux-z-token-mask"),
+        pytest.param("capacity-position-router-bias", True, id="capacity-position-router-bias-token-mask"),
+        pytest.param("hash-shared-sequence-aux", False, id="hash-shared-sequence-aux"),
+    ],
+)
+def test_layer_compiles_fullgraph_with_dynamic_tokens(name, masked):
+    """torch.compile(layer, fullgraph=True, dynamic=True): no graph break, two token counts, and
+    outputs, every gradient and the expert-bias counts equal eager (aot_eager keeps the test fast;
+    the graph capture is the same one inductor receives)."""
+    cfg = MoEConfig(hidden_size=16, intermediate_size=8, num_experts=4, top_k=2, backend="torch",
+                    **COMPILE_CONFIGS[name])
+    torch._dynamo.reset()  # every test compiles the same forward afresh (no recompile limit across tests)
+    eager = build(cfg, seed=3).train()
+    compiled_layer = build(cfg, seed=3).train()
+    compiled = torch.compile(compiled_layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    for seq in (5, 11):
+        g = torch.Generator().manual_seed(seq)
+        x = torch.randn(2, seq, cfg.hidden_size, generator=g)
+        ids = torch.randint(0, 50, (2, seq), generator=g) if cfg.routes_by_hash else None
+        mask = (torch.rand(2, seq, generator=g) > 0.3) if masked else None
+        results = []
+        for layer, fn in ((eager, eager), (compiled_layer, compiled)):
+            xx = x.clone().requires_grad_(True)
+            layer.zero_grad()
+            out = fn(xx, ids, mask)
+            out.square().sum().backward()
+            counts = getattr(layer.gate, "expert_counts", None)
+            results.append((out, [xx.grad] + [p.grad for p in layer.parameters()],
+                            None if counts is None else counts.clone()))
+        (out0, grads0, counts0), (out1, grads1, counts1) = results
+        torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-6)
+        for g0, g1 in zip(grads0, grads1, strict=True):
+            torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-6)
+        if counts0 is not None:
+            assert torch.equal(counts0, counts1) and counts0.sum() > 0

@@ -444,12 +444,14 @@ def test_moe_ffn_torch_saves_no_gathered_rows():
     n, e, k, d, i = 40, 4, 2, 24, 8
     x, weights, indices, gate_up, down, _ = make_case(n, e, k, d, i, F32, seed=3)
     leaves = [t.requires_grad_(True) for t in (x, weights, gate_up, down)]
-    for recompute, expected in (("act", [(n * k, 2 * i)]), ("gemm1", [])):
-        shapes = []
+    shapes = []
 
-        def pack(t):
-            shapes.append(tuple(t.shape))
-            return t
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    for recompute, expected in (("act", [(n * k, 2 * i)]), ("gemm1", [])):
+        shapes.clear()
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = moe_ffn_torch(leaves[0], leaves[1], indices, leaves[2], leaves[3], recompute=recompute)
@@ -557,8 +559,10 @@ def test_moe_ffn_compiles_fullgraph_dynamic():
     compiled = torch.compile(fn, fullgraph=True, dynamic=True)
     for n, seed in ((9, 1), (23, 2)):
         x, weights, indices, gate_up, down, cot = make_case(n, 6, 2, 16, 8, F32, seed=seed, scale=2.0)
-        got = value_and_grads(lambda *a: compiled(a[0], a[1], indices, a[2], a[3]), x, weights, gate_up, down, cot)
-        eager = value_and_grads(lambda *a: fn(a[0], a[1], indices, a[2], a[3]), x, weights, gate_up, down, cot)
+        got = value_and_grads(lambda *a, ids=indices: compiled(a[0], a[1], ids, a[2], a[3]), x, weights, gate_up,
+                              down, cot)
+        eager = value_and_grads(lambda *a, ids=indices: fn(a[0], a[1], ids, a[2], a[3]), x, weights, gate_up, down,
+                                cot)
         for name, g, r in zip(NAMES, got, eager, strict=True):
             assert_close(g, r, 1e-6, f"compiled {name} (N={n}) vs eager")
 
@@ -575,9 +579,10 @@ def test_dispatch_compiles_with_drops(d, i, dtype):
     for n in (11, 19):
         x, weights, indices, gate_up, down, cot = make_case(n, 5, 2, d, i, dtype, seed=n)
         indices[::3, 0] = 5  # dropped
-        got = value_and_grads(lambda *a: compiled(a[0], a[1], indices, a[2], a[3]), x, weights, gate_up, down, cot)
-        loop = value_and_grads(lambda *a: moe_ffn_loop(a[0], a[1], indices, a[2], a[3]), x, weights, gate_up, down,
-                               cot)
+        got = value_and_grads(lambda *a, ids=indices: compiled(a[0], a[1], ids, a[2], a[3]), x, weights, gate_up,
+                              down, cot)
+        loop = value_and_grads(lambda *a, ids=indices: moe_ffn_loop(a[0], a[1], ids, a[2], a[3]), x, weights,
+                               gate_up, down, cot)
         for name, g, r in zip(NAMES, got, loop, strict=True):
             assert_close(g, r, TOL[dtype], f"compiled {name} (N={n}) vs loop")
 

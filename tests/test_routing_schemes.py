@@ -389,6 +389,7 @@ SCHEMES = {
     "token_choice-bias-groups": dict(expert_bias=True, n_groups=2, topk_groups=1, score_func="sigmoid"),
     "expert_choice": dict(routing="expert_choice", capacity_factor=1.5),
     "sinkhorn": dict(routing="sinkhorn", z_loss_coef=0.01),
+    "sinkhorn-capacity": dict(routing="sinkhorn", capacity_factor=0.75, drop_policy="position"),
     "capacity": dict(capacity_factor=0.75),
 }
 
@@ -406,6 +407,31 @@ def test_replay_is_bitwise_equal_on_the_same_backend(scheme, backend):
     assert torch.equal(out0, out1) and torch.equal(gx0, gx1)
     assert g0.keys() == g1.keys() and all(torch.equal(g0[n], g1[n]) for n in g0)
     assert model.first.routing_hook is None  # hooks removed on exit
+
+
+def test_replay_hash_layer_and_padding():
+    layer = make_layer(num_experts=4, hash_routing=True, vocab_size=30, capacity_factor=1.0).train()
+    x, cot = inputs(12)
+    ids = torch.randint(0, 30, (12,), generator=torch.Generator().manual_seed(0))
+    mask = torch.arange(12) % 4 != 3
+    with moe_kit.record_routing(layer) as rec:
+        out0 = layer(x, ids, token_mask=mask)
+    with moe_kit.replay_routing(layer, rec):
+        out1 = layer(x, torch.zeros_like(ids), token_mask=mask)  # ids ignored: the record decides
+    assert torch.equal(out0, out1) and torch.equal(rec[""][0][mask], layer.gate.tid2eid[ids[mask]])
+
+
+def test_routing_monitor_and_stats_with_new_schemes():
+    for routing, extra in (("expert_choice", {"capacity_factor": 1.0}), ("sinkhorn", {})):
+        model = TwoLayers(num_experts=4, routing=routing, **extra).train()
+        monitor = moe_kit.RoutingMonitor(model)
+        model(inputs(32)[0])
+        monitor.record(0)
+        rows = monitor.history
+        assert len(rows) == 2 and all(r["entropy"] is not None for r in rows)
+        if routing == "expert_choice":
+            assert all(r["max_over_mean"] == 1.0 for r in rows)
+        monitor.close()
 
 
 def test_replay_routes_as_recorded_after_the_router_changed(tmp_path):
@@ -516,6 +542,56 @@ def test_compile_without_graph_breaks_matches_eager(scheme, training):
         if p.grad is not None:
             assert rel_err(p.grad, eager[2][name]) < TOL64, name
     assert torch.equal(compiled_layer.stats.load, layer.stats.load)
+
+
+# ============================================================================= triton backend (interpreter)
+
+_TRITON_CHILD = """
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import triton  # first import with the interpreter on
+import torch
+import moe_kit
+from moe_kit import MoEConfig, MoELayer
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-6))
+
+x = torch.randn(24, 16, generator=torch.Generator().manual_seed(0))
+for routing, extra in (("expert_choice", dict(capacity_factor=1.5)), ("sinkhorn", {})):
+    layers = {}
+    for backend in ("loop", "triton"):
+        torch.manual_seed(0)
+        layers[backend] = MoELayer(MoEConfig(hidden_size=16, intermediate_size=16, num_experts=4, top_k=2,
+                                             routing=routing, backend=backend, **extra)).train()
+    got = {}
+    for backend, layer in layers.items():
+        xx = x.clone().requires_grad_(True)
+        with moe_kit.record_routing(layer) as rec:
+            out = layer(xx)
+        out.square().sum().backward()
+        got[backend] = (out.detach(), xx.grad, layer.gate.weight.grad, layer.experts.gate_up_proj.grad,
+                        layer.experts.down_proj.grad, rec)
+    assert torch.equal(got["loop"][5][""][0], got["triton"][5][""][0]), routing
+    errs = [rel(a, b) for a, b in zip(got["triton"][:5], got["loop"][:5])]
+    assert max(errs) < 1e-5, (routing, errs)
+print("ok")
+"""
+
+
+def test_new_schemes_on_the_triton_backend_in_the_interpreter(tmp_path):
+    """Expert choice (marker E in the indices) and Sinkhorn through the Triton kernels, run by
+    Triton's interpreter in a fresh process (see tests/test_triton.py), against the loop backend."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    script = tmp_path / "child.py"
+    script.write_text(_TRITON_CHILD)
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
 # ============================================================================= expert parallel (gloo)

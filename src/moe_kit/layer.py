@@ -18,7 +18,7 @@ from moe_kit.experts import GroupedExperts, SharedExpert
 from moe_kit.gates import ExpertChoiceGate, HashGate, SinkhornGate, TopKGate
 from moe_kit.gates.router import autocast_off, flat_token_mask
 from moe_kit.ops import check_backend, dispatch
-from moe_kit.ops.capacity import expert_capacity, over_capacity
+from moe_kit.ops.capacity import capacity_of, decimal_ratio, over_capacity
 from moe_kit.stats import RoutingStats
 
 
@@ -26,7 +26,8 @@ class MoELayer(nn.Module):
     """forward(x [..., D], input_ids int [...] = None, token_mask bool [...] = None) -> [..., D].
 
     The gate is a HashGate when cfg.hash_routing or layer_id < cfg.n_hash_layers (it then needs
-    input_ids), else the gate of cfg.routing: TopKGate, ExpertChoiceGate or SinkhornGate. `token_mask` (True / 1 = real token, x's leading shape) leaves
+    input_ids), else the gate of cfg.routing: TopKGate, ExpertChoiceGate or SinkhornGate.
+    `token_mask` (True / 1 = real token, x's leading shape) leaves
     padding out of the expert-bias counts, balancing losses and stats, and gives padded tokens no
     routed expert (their routed output is 0; shared experts still run on them): the real tokens'
     outputs equal a forward of the real tokens alone. After each forward, `stats` is a RoutingStats.
@@ -63,6 +64,8 @@ class MoELayer(nn.Module):
                 cfg.hidden_size, cfg.shared_intermediate_size, cfg.shared_expert_gate, cfg.swiglu_limit
             )
         self._last: dict | None = None  # detached tensors of the last forward, read by `stats`
+        # capacity_factor as an exact ratio of ints, computed here so compiled forwards need no float repr
+        self._capacity_ratio = None if cfg.capacity_factor is None else decimal_ratio(cfg.capacity_factor)
         self.routing_hook = None  # moe_kit.record_routing / replay_routing: stands in for self.route
 
     def reset_parameters(self) -> None:
@@ -113,8 +116,8 @@ class MoELayer(nn.Module):
         dropped = None
         gate_marks = getattr(self.gate, "marks_unrouted", False)  # expert choice: E in indices, capacity applied
         if self.cfg.capacity_factor is not None and not gate_marks:
-            num_real = x_flat.shape[0] if mask is None else int(mask.sum())  # capacity counts real tokens only
-            capacity = expert_capacity(num_real, self.cfg.top_k, num_experts, self.cfg.capacity_factor)
+            num_real = x_flat.shape[0] if mask is None else mask.sum()  # real tokens only (a tensor: no sync)
+            capacity = capacity_of(num_real * self.cfg.top_k, num_experts, self._capacity_ratio)
             ranking = weights.detach().reshape(-1)
             if mask is not None:  # padding ranks last, so it never takes a real slot's place
                 ranking = ranking.masked_fill(~mask.repeat_interleave(self.cfg.top_k), float("-inf"))

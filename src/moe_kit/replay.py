@@ -119,7 +119,8 @@ def _check_indices(name: str, layer: MoELayer, x: torch.Tensor, indices) -> torc
     if not k_ok or indices.shape[0] != num_tokens:
         want = f"[{num_tokens}, K]" if marks else f"[{num_tokens}, {layer.gate.top_k}]"
         raise ValueError(
-            f"replay_routing: layer {name!r} recorded indices of shape {tuple(indices.shape)}, this forward needs {want}"
+            f"replay_routing: layer {name!r} recorded indices of shape {tuple(indices.shape)}, "
+            f"this forward needs {want}"
         )
     indices = indices.to(device=x.device, dtype=torch.long)
     high = num_experts if marks else num_experts - 1  # E marks "no expert" where the gate uses it

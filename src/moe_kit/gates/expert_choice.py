@@ -97,7 +97,6 @@ class ExpertChoiceGate(Router):
         c_max = expert_choice_capacity(num_tokens, num_experts, c)
         if mask is None:
             capacity = torch.tensor(c_max, device=scores.device)
-            num_real = torch.tensor(num_tokens, device=scores.device)
         else:
             scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))  # padding sorts last
             num_real = mask.sum()
@@ -106,8 +105,6 @@ class ExpertChoiceGate(Router):
         keep = torch.arange(c_max, device=scores.device) < capacity  # [C_max]
         picked = torch.zeros(num_tokens, num_experts, dtype=torch.bool, device=scores.device)
         picked.scatter_(0, order.t(), keep.unsqueeze(1).expand(c_max, num_experts))
-        unrouted = ~picked.any(dim=1) if mask is None else ~picked.any(dim=1) & mask
-        self.unrouted_fraction = unrouted.sum() / num_real.clamp_min(1).float()
         self.capacity = capacity
         return picked
 
@@ -117,6 +114,10 @@ class ExpertChoiceGate(Router):
             self.entropy = score_entropy(scores if mask is None else scores[mask])
         num_experts = self.num_experts
         routed = indices < num_experts
+        with torch.no_grad():  # share of real tokens that no expert took
+            unrouted = ~routed.any(dim=1) if mask is None else ~routed.any(dim=1) & mask
+            num_real = unrouted.new_tensor(indices.shape[0], dtype=torch.long) if mask is None else mask.sum()
+            self.unrouted_fraction = unrouted.sum() / num_real.clamp_min(1).float()
         weights = scores.gather(1, indices.clamp(max=num_experts - 1)) * routed  # [N, K]
         if self.cfg.norm_topk_prob:  # over the experts that took the token (a token no expert took keeps 0)
             weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)

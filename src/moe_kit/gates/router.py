@@ -194,8 +194,9 @@ class Router(nn.Module):
         counts = torch.zeros(self.num_experts + 1, dtype=torch.float64, device=aux_indices.device)
         counts[: self.num_experts].scatter_add_(0, aux_indices.reshape(-1), real.reshape(-1))
         counts[self.num_experts] = real.sum()  # routed slots, for the denominator
-        accumulate = self.training and not torch.is_inference_mode_enabled()
-        accumulate = accumulate and (torch.compiler.is_compiling() or not is_recomputing())
+        accumulate = self.training and (
+            torch.compiler.is_compiling() or not (torch.is_inference_mode_enabled() or is_recomputing())
+        )
         if not accumulate:
             if self.global_batch_counts is not None and float(self.global_batch_counts[-1]) > 0:
                 counts = self.global_batch_counts.to(counts.device)

@@ -107,9 +107,7 @@ class TopKGate(Router):
         """Add the chosen experts of real tokens to expert_counts (see the counting policy above)."""
         if self.expert_counts is None or not self.training or indices.is_meta:
             return
-        if torch.is_inference_mode_enabled():
-            return
-        if not torch.compiler.is_compiling() and is_recomputing():
+        if not torch.compiler.is_compiling() and (torch.is_inference_mode_enabled() or is_recomputing()):
             return
         counts = self.current_counts()
         ones = torch.ones_like(indices, dtype=counts.dtype)

@@ -13,7 +13,6 @@ so ceil(1.1 * 100 / 10) is 11, where float arithmetic gives 12.
 
 from __future__ import annotations
 
-import math
 from fractions import Fraction
 
 import torch
@@ -21,10 +20,22 @@ import torch
 DROP_POLICIES = ("probs", "position")
 
 
+def decimal_ratio(value: float) -> tuple[int, int]:
+    """(p, q) with p / q the shortest decimal that round-trips to `value`: 1.1 -> (11, 10)."""
+    ratio = Fraction(repr(float(value)))
+    return ratio.numerator, ratio.denominator
+
+
+def capacity_of(num_slots, num_experts: int, ratio: tuple[int, int]):
+    """ceil(p/q * num_slots / num_experts) in integers; num_slots may be a symbolic size under
+    torch.compile, so compiled layers compute `ratio` = decimal_ratio(capacity_factor) once, eagerly."""
+    numerator, denominator = ratio[0], ratio[1] * num_experts
+    return (numerator * num_slots + denominator - 1) // denominator  # ceil of a non-negative ratio
+
+
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
-    """ceil(capacity_factor * num_tokens * top_k / num_experts) in exact rational arithmetic."""
-    factor = Fraction(repr(float(capacity_factor)))  # the shortest decimal that round-trips: 1.1 -> 11/10
-    return math.ceil(factor * num_tokens * top_k / num_experts)
+    """ceil(capacity_factor * num_tokens * top_k / num_experts) in exact integer arithmetic."""
+    return capacity_of(num_tokens * top_k, num_experts, decimal_ratio(capacity_factor))
 
 
 def over_capacity(

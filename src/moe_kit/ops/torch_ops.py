@@ -38,7 +38,7 @@ from moe_kit.ops.routing import RoutingPlan, routing_plan
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-SMALL_ROWS = 32  # S = N*k at or below this takes the gathered-weights decode path
+SMALL_ROWS = 8  # S = N*k at or below this takes the gathered-weights decode path (eager)
 CHUNK_BYTES = 16 * 2**20  # backward [R, D] temporaries (x[token], dX rows) are made in column chunks of ~this size
 CHUNK_MIN_COLUMNS = 32  # ... each at least this wide
 Tensor = torch.Tensor
@@ -357,6 +357,9 @@ def moe_ffn_torch(
             has_dropped, activation, None if swiglu_limit is None else float(swiglu_limit), deterministic, save_h,
         )
         return out
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, gate_up_proj, down_proj))):
+        return sorted_ffn_forward(x, weights, gate_up_proj, down_proj, plan, activation, swiglu_limit, deterministic,
+                                  "none")[0]  # inference: no autograd.Function, nothing saved
     return _SortedExpertsFFN.apply(
         x, weights, gate_up_proj, down_proj, plan, activation, swiglu_limit, deterministic,
         "h" if recompute == "act" else "none",

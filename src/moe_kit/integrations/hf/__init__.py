@@ -29,8 +29,9 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 from moe_kit.integrations.hf.convert import convert, convert_back
 from moe_kit.integrations.hf.experts_bridge import moe_kit_experts_forward, register
-from moe_kit.integrations.hf.layout import experts_swiglu_limit
-from moe_kit.integrations.hf.specs import SPECS, BlockSpec
+from moe_kit.integrations.hf.layout import experts_activation, experts_swiglu_limit
+from moe_kit.integrations.hf.specs import SPECS, VERIFIED, BlockSpec, is_moe_block
+from moe_kit.integrations.hf.upcycle import upcycle
 
 __all__ = [
     "register",
@@ -39,5 +40,9 @@ __all__ = [
     "moe_kit_experts_forward",
     "experts_swiglu_limit",
     "SPECS",
+    "VERIFIED",
     "BlockSpec",
+    "is_moe_block",
+    "upcycle",
+    "experts_activation",
 ]

@@ -26,7 +26,7 @@ from torch import nn
 from moe_kit.activations import act_fn
 from moe_kit.config import MoEConfig
 from moe_kit.integrations.hf.layout import experts_activation, is_hf_experts
-from moe_kit.integrations.hf.specs import BlockSpec, router_top_k, check_block, probe_routing, spec_of, state_keys
+from moe_kit.integrations.hf.specs import BlockSpec, check_block, probe_routing, router_top_k, spec_of, state_keys
 from moe_kit.integrations.upcycle import activation_of
 from moe_kit.layer import MoELayer
 from moe_kit.ops import moe_ffn

@@ -102,7 +102,7 @@ def state_keys(spec: BlockSpec, block: nn.Module) -> dict[str, str]:
         leaf = key.rpartition(".")[2]
         if tuple(tensor.shape) == (num_experts, hidden):
             target = "gate.weight"
-        elif leaf in BLOCK_BIASES:
+        elif leaf in BLOCK_BIASES and tuple(tensor.shape) == (num_experts,):
             target = "gate.expert_bias"
         elif leaf == "tid2eid":
             target = "gate.tid2eid"
@@ -280,18 +280,21 @@ VERIFIED = (
     "GlmMoeDsaMoE", "Mistral4MoE", "MistralLarge4TextMoE", "ExaoneMoeSparseMoEBlock", "KimiLinearMoE",
     "BailingHybridMoE", "AXK2MoE", "SolarOpenMoE", "UnlimitedOcrTextMoe", "HYV4MoE", "HYV4VLMoE", "BeamMoE",
     "Kolibri1SparseMoeBlock", "LagunaSparseMoeBlock", "MiniMaxM3VLSparseMoeBlock", "MiMoV2FlashMoE",
-    "Ernie4_5_MoeSparseMoeBlock",
     # expert bias on the block, handed to the router
     "HYV3MoE", "MiniMaxM2SparseMoeBlock", "Lfm2MoeSparseMoeBlock", "AfmoeSparseMoeBlock",
 )
 EXPLICIT = {"DeepseekV4SparseMoeBlock": _deepseek_v4}
 
 
+def is_moe_block(module: nn.Module) -> bool:
+    """True for a transformers module holding a transformers experts module as `.experts`."""
+    return type(module).__module__.startswith("transformers.") and is_hf_experts(getattr(module, "experts", None))
+
+
 def spec_of(module: nn.Module, verified_only: bool = True) -> BlockSpec | None:
     """The BlockSpec of a transformers sparse-MoE block (read by block_layout), None for any other
     module; ValueError for a MoE block it cannot express or one not in VERIFIED."""
-    cls = type(module)
-    if not cls.__module__.startswith("transformers.") or not is_hf_experts(getattr(module, "experts", None)):
+    if not is_moe_block(module):
         return None
     spec = block_layout(module)
     if verified_only and spec.block not in VERIFIED:

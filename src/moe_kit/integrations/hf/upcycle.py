@@ -36,7 +36,9 @@ def _moe_fields(model_type: str, dense, num_experts: int, top_k: int, width: int
     if model_type in ("llama", "mistral"):
         for field, plain in (("attention_bias", False), ("mlp_bias", False), ("pretraining_tp", 1)):
             if getattr(dense, field, plain) != plain:
-                raise ValueError(f"hf.upcycle: {model_type} with {field}={getattr(dense, field)} has no Mixtral equivalent")
+                raise ValueError(
+                    f"hf.upcycle: {model_type} with {field}={getattr(dense, field)} has no Mixtral equivalent"
+                )
         return dict(intermediate_size=width, num_local_experts=num_experts, num_experts_per_tok=top_k,
                     router_jitter_noise=0.0)
     common = dict(moe_intermediate_size=width, num_experts_per_tok=top_k, norm_topk_prob=True,
@@ -121,7 +123,9 @@ def upcycle(
     missing, unexpected = moe_model.load_state_dict(state, strict=False, assign=True)
     tied = {"lm_head.weight"} if getattr(moe_config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
-        raise ValueError(f"hf.upcycle: {model_name} did not take the weights (missing {missing}, unexpected {unexpected})")
+        raise ValueError(
+            f"hf.upcycle: {model_name} did not take the weights (missing {missing}, unexpected {unexpected})"
+        )
     if tied:
         moe_model.tie_weights()
     _fill_non_persistent(moe_model, model)
