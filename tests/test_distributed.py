@@ -138,7 +138,8 @@ def _run_case(name: str, case: Case, world: int, rank: int, requires_grad: bool 
         out=out.detach(), out_eval=out_eval, grad_x=x.grad,
         grads={n: p.grad for n, p in layer.named_parameters()},
         load=stats.load, aux=stats.aux_loss, z=stats.z_loss, dropped=stats.dropped_fraction,
-        bias=None if layer.gate.expert_bias is None else layer.gate.expert_bias.clone(), state=gathered if rank == 0 else None,
+        bias=None if layer.gate.expert_bias is None else layer.gate.expert_bias.clone(),
+        state=gathered if rank == 0 else None,
     )
 
 

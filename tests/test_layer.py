@@ -106,7 +106,18 @@ def ref_drop(weights, indices, num_experts, cf):
     return torch.tensor(kept, dtype=torch.long).view(n, k)
 
 
-def ref_experts(x, weights, indices, gate_up, down, limit=None):
+def ref_act(g, activation="silu"):
+    """The gated activation written out: silu, erf-gelu, tanh-gelu, relu."""
+    if activation == "silu":
+        return g * torch.sigmoid(g)
+    if activation == "gelu":
+        return 0.5 * g * (1.0 + torch.erf(g / math.sqrt(2.0)))
+    if activation == "gelu_tanh":
+        return 0.5 * g * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (g + 0.044715 * g**3)))
+    return g.clamp_min(0)
+
+
+def ref_experts(x, weights, indices, gate_up, down, limit=None, activation="silu"):
     """Dense: every expert on every token, select by a dense [N, E] weight matrix (id E = dropped)."""
     e, two_i, _ = gate_up.shape
     i = two_i // 2
@@ -114,7 +125,7 @@ def ref_experts(x, weights, indices, gate_up, down, limit=None):
     g, u = h[..., :i], h[..., i:]
     if limit is not None:
         g, u = g.clamp(max=limit), u.clamp(-limit, limit)
-    y = torch.einsum("nei,edi->ned", g * torch.sigmoid(g) * u, down)
+    y = torch.einsum("nei,edi->ned", ref_act(g, activation) * u, down)
     dense = torch.zeros(x.shape[0], e + 1, dtype=x.dtype).scatter_add(1, indices, weights.to(x.dtype))[:, :e]
     return torch.einsum("ne,ned->nd", dense, y)
 
@@ -127,14 +138,14 @@ def ref_layer(layer, x, input_ids=None):
     if cfg.capacity_factor is not None:
         idx = ref_drop(w, idx, cfg.num_experts, cfg.capacity_factor)
     gu, dn = layer.experts.gate_up_proj.to(x.dtype), layer.experts.down_proj.to(x.dtype)
-    out = ref_experts(x_flat, w, idx, gu, dn, cfg.swiglu_limit)
+    out = ref_experts(x_flat, w, idx, gu, dn, cfg.swiglu_limit, cfg.activation)
     sh = layer.shared_experts
     if sh is not None:
         g = x_flat @ sh.gate_proj.weight.to(x.dtype).T
         u = x_flat @ sh.up_proj.weight.to(x.dtype).T
         if cfg.swiglu_limit is not None:
             g, u = g.clamp(max=cfg.swiglu_limit), u.clamp(-cfg.swiglu_limit, cfg.swiglu_limit)
-        shared = (g * torch.sigmoid(g) * u) @ sh.down_proj.weight.to(x.dtype).T
+        shared = (ref_act(g, cfg.activation) * u) @ sh.down_proj.weight.to(x.dtype).T
         if cfg.shared_expert_gate:
             shared = torch.sigmoid(x_flat @ sh.gate.weight.to(x.dtype).T) * shared
         out = out + shared
@@ -153,6 +164,9 @@ def build(cfg, layer_id=0, dtype=torch.float32, seed=0):
     if layer.gate.expert_bias is not None:  # a non-trivial expert bias so it really steers selection
         with torch.no_grad():
             layer.gate.expert_bias.copy_(0.05 * torch.randn(cfg.num_experts))
+    if layer.gate.bias is not None:  # a non-zero router bias, so a reference that ignores it fails
+        with torch.no_grad():
+            layer.gate.bias.copy_(0.5 * torch.randn(cfg.num_experts))
     return layer
 
 
@@ -229,6 +243,12 @@ CONFIGS = {
     "k=E": dict(hidden_size=D, intermediate_size=INTER, num_experts=4, top_k=4),
     "k=1-prime-E": dict(hidden_size=D, intermediate_size=INTER, num_experts=7, top_k=1),
     "hash": dict(hidden_size=D, intermediate_size=INTER, num_experts=6, top_k=2, hash_routing=True, vocab_size=40),
+    "gelu-shared": dict(hidden_size=D, intermediate_size=INTER, num_experts=6, top_k=2, activation="gelu",
+                        num_shared_experts=1),
+    "gelu_tanh-limit": dict(hidden_size=D, intermediate_size=INTER, num_experts=6, top_k=2, activation="gelu_tanh",
+                            swiglu_limit=0.3),
+    "relu-router-bias": dict(hidden_size=D, intermediate_size=INTER, num_experts=6, top_k=2, activation="relu",
+                             router_bias=True),
 }
 SHAPES = {"N": (7,), "BS": (2, 5), "ABC": (2, 3, 4)}
 

@@ -514,6 +514,7 @@ def test_decode_path_matches_loop_hypothesis(n, e, d, i, dtype, mode, limit, act
 
 def test_moe_ffn_takes_decode_path_for_small_batches(monkeypatch, gemm_paths):
     monkeypatch.setattr(torch_ops, "SMALL_ROWS", 32)
+    monkeypatch.setattr(torch_ops, "SMALL_EXPERTS_PER_ROW", 0)
     x, weights, indices, gate_up, down, cot = make_case(4, 6, 2, 16, 8, F32, seed=9)
     got = value_and_grads(lambda *a: moe_ffn(a[0], a[1], indices, a[2], a[3], "torch"), x, weights, gate_up, down, cot)
     assert not gemm_paths, "N*k = 8 must not build a routing plan"
@@ -523,6 +524,22 @@ def test_moe_ffn_takes_decode_path_for_small_batches(monkeypatch, gemm_paths):
     moe_ffn(*make_case(17, 6, 2, 16, 8, F32, seed=9)[:2], make_case(17, 6, 2, 16, 8, F32, seed=9)[2],
             gate_up, down, "torch")
     assert gemm_paths, "N*k = 34 > SMALL_ROWS takes the sorted path"
+
+
+@pytest.mark.parametrize("n, e, k, d, i, dtype, mode, limit", EDGE_CASES)
+def test_inference_path_matches_loop(n, e, k, d, i, dtype, mode, limit, monkeypatch):
+    """Under no_grad on CPU the torch backend takes lean_forward (fp32, aligned widths) or the sorted
+    forward without autograd.Function; both equal the loop reference."""
+    taken = []
+    real = torch_ops.lean_forward
+    monkeypatch.setattr(torch_ops, "lean_forward", lambda *a: taken.append(1) or real(*a))
+    x, weights, indices, gate_up, down, _ = make_case(n, e, k, d, i, dtype, mode, seed=3, scale=3.0)
+    with torch.no_grad():
+        got = moe_ffn(x, weights, indices, gate_up, down, "torch", swiglu_limit=limit)
+        ref = moe_ffn_loop(x, weights, indices, gate_up, down, limit)
+    assert_close(got, ref, TOL[dtype], "inference output vs loop")
+    usable = torch_ops.use_grouped_mm(dtype, x.device, 2 * i, d, i)
+    assert bool(taken) == (usable and n > 0)
 
 
 # ----------------------------------------------------------------------------- activations

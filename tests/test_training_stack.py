@@ -578,7 +578,7 @@ def fp32_grads(accum: int = 2) -> dict[str, torch.Tensor]:
 def test_gradscaler_recipe_matches_fp32(mode, fp16):
     """torch.amp.GradScaler (2 accumulation steps): after scaler.unscale_ every gradient, the
     router's included, equals the unscaled fp32 run's, in both loss modes. The attach-mode recipe
-    sets the scale between forward and backward, as documented. Under autocast fp16 (the real
+    sets the scale between forward and backward (float) or before the forward (tensor). Under autocast fp16 (the real
     GradScaler use) the gradients match to fp16 accuracy, far below the 1% a lost loss would cost."""
     accum = 2
     want = fp32_grads(accum)
@@ -586,16 +586,16 @@ def test_gradscaler_recipe_matches_fp32(mode, fp16):
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12 if fp16 else 2.0**16, growth_interval=1000)
     for x, cot in batches:
+        if mode == "attach-tensor":  # before the forward (suits torch.compile too)
+            moe_kit.set_aux_loss_scale(layer, torch.tensor(scaler.get_scale() / accum))
         with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
             out = layer(x)
             loss = (out.float() * cot).sum()
             if mode == "return":
                 loss = loss + moe_kit.balancing_loss(layer)
         assert out.dtype == (torch.float16 if fp16 else torch.float32)
-        if mode == "attach-float":
+        if mode == "attach-float":  # between forward and backward, as documented
             moe_kit.set_aux_loss_scale(layer, scaler.get_scale() / accum)
-        elif mode == "attach-tensor":
-            moe_kit.set_aux_loss_scale(layer, torch.tensor(scaler.get_scale() / accum))
         scaler.scale(loss / accum).backward()
     scaler.unscale_(opt)
     for name, grad in want.items():

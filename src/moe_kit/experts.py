@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_kit.activations import swiglu_parts
+from moe_kit.activations import check_activation, swiglu_parts
 
 
 def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
@@ -20,21 +20,26 @@ def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
 
 
 class Expert(nn.Module):
-    """SwiGLU MLP down(silu(gate(x)) * up(x)) with bias-free nn.Linear layers.
+    """Gated MLP down(act(gate(x)) * up(x)) with bias-free nn.Linear layers (act = silu: SwiGLU;
+    "gelu", "gelu_tanh", "relu" as MoEConfig.activation).
 
     x [..., D] -> [..., D] in x's dtype (weights are cast when the dtypes differ).
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, swiglu_limit: float | None = None):
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, swiglu_limit: float | None = None, activation: str = "silu"
+    ):
         super().__init__()
+        check_activation(activation)
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.swiglu_limit = swiglu_limit
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = swiglu_parts(_linear(x, self.gate_proj), _linear(x, self.up_proj), self.swiglu_limit)
-        return _linear(hidden, self.down_proj)
+        gate, up = _linear(x, self.gate_proj), _linear(x, self.up_proj)
+        return _linear(swiglu_parts(gate, up, self.swiglu_limit, self.activation), self.down_proj)
 
 
 class SharedExpert(Expert):
@@ -42,9 +47,14 @@ class SharedExpert(Expert):
     sigmoid(x @ gate.weight^T) as in Qwen2-MoE (`gate`: nn.Linear(D, 1, bias=False))."""
 
     def __init__(
-        self, hidden_size: int, intermediate_size: int, gated: bool = False, swiglu_limit: float | None = None
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        gated: bool = False,
+        swiglu_limit: float | None = None,
+        activation: str = "silu",
     ):
-        super().__init__(hidden_size, intermediate_size, swiglu_limit)
+        super().__init__(hidden_size, intermediate_size, swiglu_limit, activation)
         self.gate = nn.Linear(hidden_size, 1, bias=False) if gated else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,7 @@ class MoELayer(nn.Module):
         self.shared_experts = None
         if cfg.num_shared_experts > 0:
             self.shared_experts = SharedExpert(
-                cfg.hidden_size, cfg.shared_intermediate_size, cfg.shared_expert_gate, cfg.swiglu_limit
+                cfg.hidden_size, cfg.shared_intermediate_size, cfg.shared_expert_gate, cfg.swiglu_limit, cfg.activation
             )
         self._last: dict | None = None  # detached tensors of the last forward, read by `stats`
         # capacity_factor as an exact ratio of ints, computed here so compiled forwards need no float repr
@@ -137,6 +137,7 @@ class MoELayer(nn.Module):
             self.cfg.backend,
             self.cfg.swiglu_limit,
             has_dropped=marked is not indices or gate_marks,
+            activation=self.cfg.activation,
         )
         self._remember(marked, dropped, mask)
         return routed, dropped
@@ -156,6 +157,7 @@ class MoELayer(nn.Module):
             self.cfg.swiglu_limit,
             None if getattr(self.gate, "marks_unrouted", False) else self.cfg.capacity_factor,
             self.cfg.drop_policy,
+            self.cfg.activation,
         )
         self._remember(marked, result.dropped, mask)
         self._last.update(load=result.load.detach(), slots=result.num_slots)  # the group's, not this rank's

@@ -131,6 +131,7 @@ def ep_moe_ffn(
     swiglu_limit: float | None = None,
     capacity_factor: float | None = None,
     drop_policy: str = "probs",
+    activation: str = "silu",
 ) -> EPResult:
     """Routed SwiGLU experts held across `group` (see the module doc for the steps).
 
@@ -141,6 +142,7 @@ def ep_moe_ffn(
         gate_up_proj: [El, 2I, D] and down_proj [El, D, I]: this rank's experts, in x's dtype.
         group: the expert-parallel process group; every rank of it must call with the same config.
         capacity_factor: None (dropless) or the factor of the group-wide capacity rule.
+        activation: the gated activation of the experts (moe_kit.activations).
         drop_policy: "probs" (heaviest slots stay) or "position" (earliest slots of the batch
             concatenated in rank order stay), as moe_kit.ops.capacity on one process.
     Returns:
@@ -166,7 +168,7 @@ def ep_moe_ffn(
     ones = recv_x.new_ones(recv_x.shape[0], 1, dtype=torch.float32)  # weights are applied on the way back
     y = dispatch(
         recv_x, ones, expert.unsqueeze(1), gate_up_proj, down_proj, backend, swiglu_limit,
-        has_dropped=capacity_factor is not None,
+        has_dropped=capacity_factor is not None, activation=activation,
     )  # [R, D], zeros for dropped rows
     y_rows = all_to_all(y, ex.recv_splits, ex.send_splits, group)  # [S_kept, D], back in plan order
     if kept < ex.plan.slot_of_row.numel():  # marked slots contribute zeros

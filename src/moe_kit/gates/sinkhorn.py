@@ -23,6 +23,13 @@ the unnormalized scores of the chosen experts, as in Megatron: scores = cfg.scor
 at the chosen experts, then norm_topk_prob / route_scale as in TopKGate. (Megatron hard-codes the
 score function: sigmoid for k = 1, softmax for k > 1; set cfg.score_func accordingly to match it.)
 Eval mode: plain top-k of the scores (no balancing), as Megatron.
+
+What it buys: the soft plan is balanced exactly, its hard top-k only roughly (a router sending
+~all tokens to 2 of 8 experts, top-2 of 1024 tokens: max/mean load 1.50 instead of 4.0, see
+tests/test_routing_schemes.py; exact balance is expert choice's). Nothing trains the router itself
+toward balance, so eval-mode (plain top-k) load may stay skewed: examples/routing_collapse.py
+measures it. With very few tokens (N = 1: every plan entry is 1/E) the plan ties and the choice
+is arbitrary; Sinkhorn is meant for training batches.
 Under expert parallelism each rank balances its own tokens (the gate is replicated, no exchange).
 """
 
@@ -103,7 +110,7 @@ def sinkhorn_log_plan(
     v = logits.new_zeros(num_experts)  # log d1, d1 = 1 at the start
     u = logits.new_zeros(num_tokens)
     done = torch.zeros((), dtype=torch.bool, device=logits.device)
-    eager = not torch.compiler.is_compiling()
+    eager = not (torch.compiler.is_compiling() or logits.is_meta)
     iters = 0
     for it in range(max_iters):
         u_new = -log_n - torch.logsumexp(logits + v, dim=1)  # [N]

@@ -46,7 +46,9 @@ def set_aux_loss_scale(model: nn.Module, scale: float | torch.Tensor) -> None:
     Use 1/M under M-step gradient accumulation when the main loss is divided by M (Megatron's
     MoEAuxLossAutoScaler.set_loss_scale), and multiply by the loss scale of mixed-precision
     training: with torch.amp.GradScaler call `set_aux_loss_scale(model, scaler.get_scale() / M)`
-    before each backward, since scaler.unscale_ divides every gradient by that scale.
+    before each backward, since scaler.unscale_ divides every gradient by that scale. Eager mode
+    reads the scale when the backward runs; a torch.compile'd model takes it at the forward, so
+    calling it before the forward (the scaler's scale only changes in scaler.update()) suits both.
     """
     if isinstance(scale, torch.Tensor):
         if scale.numel() != 1 or not scale.is_floating_point():

@@ -15,9 +15,11 @@ the second GEMM, so the combine is a plain row sum. Grouped GEMMs run on
 `torch.nn.functional.grouped_mm` (or `torch._grouped_mm`) where device, dtype and strides allow,
 else on a padded batched matmul; never a Python loop.
 
-Decode sizes (S <= SMALL_ROWS): no sort, no plan; each slot's expert weights are gathered
-([S, 2I, D], [S, D, I]: only the experts in use are read) and two batched mat-vecs run, as a
-plain reference next to it (tests compare both with the loop backend).
+Decode sizes: CPU's grouped_mm costs a few small ops per expert, empty or not, so at S <= SMALL_ROWS
+with many experts (E >= SMALL_EXPERTS_PER_ROW * S) each slot's expert weights are gathered
+([S, 2I, D], [S, D, I]: only the experts in use are read) and two batched mat-vecs run, no sort,
+no plan. Inference on CPU (no grad, nothing dropped) otherwise takes `lean_forward`: the sorted
+forward with the fewest ops around the two GEMMs. Tests compare both with the loop backend.
 
 torch.compile: eager calls run the autograd.Function directly; while compiling, the same
 forward and backward run inside two `torch.library.custom_op`s (moe_kit::sorted_ffn_fwd /
@@ -38,7 +40,8 @@ from moe_kit.ops.routing import RoutingPlan, routing_plan
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-SMALL_ROWS = 8  # S = N*k at or below this takes the gathered-weights decode path (eager)
+SMALL_ROWS = 8  # the gathered-weights decode path: S = N*k <= SMALL_ROWS ...
+SMALL_EXPERTS_PER_ROW = 16  # ... and E >= 16 * S (copying S experts' weights beats grouped_mm's per-expert cost)
 CHUNK_BYTES = 16 * 2**20  # backward [R, D] temporaries (x[token], dX rows) are made in column chunks of ~this size
 CHUNK_MIN_COLUMNS = 32  # ... each at least this wide
 Tensor = torch.Tensor
@@ -316,6 +319,24 @@ def small_ffn(x, weights, indices, gate_up, down, activation="silu", limit=None,
     return y.view(num_tokens, top_k, x.shape[1]).sum(1)
 
 
+# ----------------------------------------------------------------------------- inference path: fewest ops
+
+
+def lean_forward(x, weights, indices, gate_up, down, activation="silu", limit=None):
+    """sorted_ffn_forward for CPU inference (no grad, nothing dropped, index_add combine, grouped_mm
+    usable) with the least work around the two GEMMs: no full RoutingPlan (no inverse permutation),
+    expert ends from one bincount. At decode sizes the fixed cost of each op is what is measured."""
+    top_k = indices.shape[1]
+    flat = indices.reshape(-1)
+    slot = torch.sort(flat, stable=True)[1]  # rows sorted by expert
+    ends = torch.bincount(flat, minlength=gate_up.shape[0]).cumsum(0, dtype=torch.int32)
+    token = slot.div(top_k, rounding_mode="floor")
+    h = _grouped_mm(x.index_select(0, token), gate_up.transpose(1, 2), offs=ends)  # [S, 2I]
+    y = _grouped_mm(gated_act(h, activation, limit), down.transpose(1, 2), offs=ends)  # [S, D]
+    y.mul_(weights.reshape(-1).index_select(0, slot).to(x.dtype).unsqueeze(1))
+    return torch.zeros_like(x).index_add_(0, token, y)
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -346,9 +367,14 @@ def moe_ffn_torch(
         raise ValueError(f"recompute must be 'act' or 'gemm1', got {recompute!r}")
     compiling = torch.compiler.is_compiling()
     if small is None:
-        small = not compiling and 0 < indices.numel() <= SMALL_ROWS
+        rows = indices.numel()
+        small = not compiling and 0 < rows <= SMALL_ROWS and rows * SMALL_EXPERTS_PER_ROW <= gate_up_proj.shape[0]
     if small:
         return small_ffn(x, weights, indices, gate_up_proj, down_proj, activation, swiglu_limit, has_dropped)
+    inference = not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, gate_up_proj, down_proj)))
+    if inference and not (compiling or has_dropped or deterministic) and x.device.type == "cpu" and indices.numel() \
+            and use_grouped_mm(x.dtype, x.device, *gate_up_proj.shape[1:], down_proj.shape[2]):
+        return lean_forward(x, weights, indices, gate_up_proj, down_proj, activation, swiglu_limit)
     plan = routing_plan(indices, gate_up_proj.shape[0], has_dropped)
     if compiling:
         save_h = recompute == "act" and torch.is_grad_enabled()
@@ -359,7 +385,7 @@ def moe_ffn_torch(
         return out
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, gate_up_proj, down_proj))):
         return sorted_ffn_forward(x, weights, gate_up_proj, down_proj, plan, activation, swiglu_limit, deterministic,
-                                  "none")[0]  # inference: no autograd.Function, nothing saved
+                                  "none")[0]  # no autograd.Function, nothing saved
     return _SortedExpertsFFN.apply(
         x, weights, gate_up_proj, down_proj, plan, activation, swiglu_limit, deterministic,
         "h" if recompute == "act" else "none",

@@ -150,7 +150,7 @@ def _to_moe_layer(block: nn.Module, spec: BlockSpec, layer_idx: int | None, over
         keys = {hf: (None if hf in kept else moe) for hf, moe in keys.items()}
     _move_state(block, layer, keys, zeros=("gate.expert_bias",))  # a bias the family lacks starts at 0
     integer = {hf: t.dtype for hf, t in block_state.items() if not (t.is_floating_point() or t.is_complex())}
-    HFKeyNames({moe: hf for hf, moe in keys.items() if moe is not None}, integer, kept).attach(layer)
+    HFKeyNames({moe: hf for hf, moe in keys.items() if moe is not None}, integer, kept, list(block_state)).attach(layer)
     layer.train(block.training)
     layer._hf_origin = HFOrigin(type(block), block.experts.config, layer_idx)
     return layer
@@ -239,8 +239,10 @@ class HFKeyNames:
     of integer buffers, written back in the block's dtype (tid2eid).
     """
 
-    def __init__(self, to_hf: dict[str, str], dtypes: dict[str, torch.dtype], kept: dict | None = None):
+    def __init__(self, to_hf: dict[str, str], dtypes: dict[str, torch.dtype], kept: dict | None = None,
+                 order: list[str] | None = None):
         self.to_hf = dict(to_hf)
+        self.order = list(order or [])  # the block's own key order
         self.from_hf = {hf: moe for moe, hf in self.to_hf.items()}
         self.dtypes = dict(dtypes)
         self.kept = dict(kept or {})  # block tensors MoELayer does not use, written back as they are
@@ -253,16 +255,14 @@ class HFKeyNames:
         # This layer's entries are the last ones of state_dict: pop them all and put them back
         # renamed, in the same order, so the other keys keep their places.
         ours = [key for key in state_dict if key.startswith(prefix)]
-        popped = [(key, state_dict.pop(key)) for key in ours]
-        for key, value in popped:
-            hf_key = self.to_hf.get(key[len(prefix):])
-            if hf_key is None:
-                state_dict[key] = value
-                continue
+        renamed = dict(self.kept)
+        for key in ours:
+            value = state_dict.pop(key)
+            hf_key = self.to_hf.get(key[len(prefix):], key[len(prefix):])
             dtype = self.dtypes.get(hf_key)
-            state_dict[prefix + hf_key] = value if dtype is None else value.to(dtype)
-        for hf_key, value in self.kept.items():
-            state_dict[prefix + hf_key] = value
+            renamed[hf_key] = value if dtype is None else value.to(dtype)
+        for hf_key in [k for k in self.order if k in renamed] + [k for k in renamed if k not in self.order]:
+            state_dict[prefix + hf_key] = renamed[hf_key]
 
     def load_hook(self, module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
         for hf_key, moe_key in self.from_hf.items():

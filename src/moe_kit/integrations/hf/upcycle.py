@@ -103,7 +103,7 @@ def upcycle(
     for index, layer in enumerate(model.model.layers):
         prefix = f"model.layers.{index}.mlp."
         moe = upcycle_mlp(layer.mlp, cfg, layer_id=index, router_std=router_std)
-        router = torch.randn(moe.gate.weight.shape, generator=generator) * router_std
+        router = torch.randn(moe.gate.weight.shape, generator=generator, device="cpu") * router_std
         state[prefix + "gate.weight"] = router.to(device=reference.device, dtype=reference.dtype)
         state[prefix + "experts.gate_up_proj"] = moe.experts.gate_up_proj.detach()
         state[prefix + "experts.down_proj"] = moe.experts.down_proj.detach()
@@ -112,8 +112,8 @@ def upcycle(
             std = float(getattr(config, "initializer_range", 0.02))
             for part in ("gate_proj", "up_proj"):
                 shape = getattr(shared, part).weight.shape
-                state[prefix + f"shared_expert.{part}.weight"] = (torch.randn(shape, generator=generator) * std).to(
-                    device=reference.device, dtype=reference.dtype)
+                weight = torch.randn(shape, generator=generator, device="cpu") * std
+                state[prefix + f"shared_expert.{part}.weight"] = weight.to(reference.device, reference.dtype)
             state[prefix + "shared_expert.down_proj.weight"] = torch.zeros(
                 shared.down_proj.weight.shape, device=reference.device, dtype=reference.dtype)
             state[prefix + "shared_expert_gate.weight"] = torch.zeros(
