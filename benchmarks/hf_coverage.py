@@ -41,7 +41,7 @@ SHRINK = dict(
     first_k_dense_replace=0, n_group=2, topk_group=1, shared_expert_intermediate_size=24,
     shared_intermediate_size=24, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8,
     v_head_dim=8, router_jitter_noise=0.0, input_jitter_noise=0.0, sliding_window=16, pad_token_id=0,
-    bos_token_id=1, eos_token_id=2, use_cache=False,
+    bos_token_id=1, eos_token_id=2, use_cache=False, shared_expert_combination_strategy="sum",
 )
 SEQ = 8
 
@@ -107,7 +107,7 @@ def first_building(family: str):
 @torch.no_grad()
 def strengthen(model):
     for name, module in model.named_modules():
-        if hasattr(module, "gate_up_proj") and hasattr(module, "down_proj"):
+        if isinstance(getattr(module, "gate_up_proj", None), torch.nn.Parameter):
             module.gate_up_proj.normal_(0.0, 0.25)
             module.down_proj.normal_(0.0, 0.25)
         if name.endswith(("mlp.gate", "mlp.router", "moe.gate", "block_sparse_moe.gate")):
@@ -170,13 +170,33 @@ def block_classes(family: str) -> list[type]:
     return found
 
 
-def tiny_text_config(family: str):
+def tiny_text_config(family: str, retry: int):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     config_cls = CONFIG_MAPPING[family]
     config_cls = (getattr(config_cls, "sub_configs", None) or {}).get("text_config", config_cls)
     defaults = config_cls().to_dict()
-    return config_cls(**{k: v for k, v in {**SHRINK, **RETRIES[1]}.items() if k in defaults and v is not DROP})
+    return config_cls(**{k: v for k, v in {**SHRINK, **RETRIES[retry]}.items() if k in defaults and v is not DROP})
+
+
+def tiny_block(cls: type, family: str):
+    """(block, config) of the first shrink under which `cls` builds and runs a forward."""
+    import inspect
+
+    error = None
+    for retry in range(len(RETRIES)):
+        try:
+            config = tiny_text_config(family, retry)
+            torch.manual_seed(0)
+            if "layer_idx" in inspect.signature(cls.__init__).parameters:  # the last layer: no hash routing
+                block = cls(config, layer_idx=config.num_hidden_layers - 1)
+            else:
+                block = cls(config)
+            block(torch.randn(1, 3, config.hidden_size))
+            return block, config
+        except Exception as caught:  # noqa: BLE001 - try the next shrink
+            error = caught
+    raise error
 
 
 def measure_blocks(family: str, why: str) -> dict:
@@ -185,21 +205,21 @@ def measure_blocks(family: str, why: str) -> dict:
     row = {"family": family, "build": f"block only ({why[:80]})", "level": "block"}
     try:
         classes = block_classes(family)
-        config = tiny_text_config(family)
+        tiny_text_config(family, 0)
     except Exception as error:  # noqa: BLE001
         row["build"] = f"{why}; block: {short(error)}"
         return row
     if not classes:
         row["build"] = why
         return row
-    worst, blocks, errors = 0.0, [], []
+    worst, blocks, errors, unbuilt = 0.0, [], [], []
     for cls in classes:
         try:
-            torch.manual_seed(0)
-            try:
-                block = cls(config)
-            except TypeError:
-                block = cls(config, 0)
+            block, config = tiny_block(cls, family)
+        except Exception as error:  # noqa: BLE001 - transformers' own block does not run at these sizes
+            unbuilt.append(f"{cls.__name__} not built: {short(error)}")
+            continue
+        try:
             holder = torch.nn.Module()
             holder.mlp = strengthen(block).train()
             x = torch.randn(2, SEQ, config.hidden_size, generator=torch.Generator().manual_seed(2))
@@ -210,12 +230,12 @@ def measure_blocks(family: str, why: str) -> dict:
             blocks.append(cls.__name__)
         except Exception as error:  # noqa: BLE001
             errors.append(f"{cls.__name__}: {short(error)}")
-    row["blocks"] = blocks or [cls.__name__ for cls in classes]
-    if blocks:
-        row["convert"] = worst
+    row["blocks"] = [cls.__name__ for cls in classes]
+    if blocks or errors:
+        row["convert"] = "; ".join(errors)[:300] if errors else worst
         row["verified"] = all(b in VERIFIED for b in blocks)
-    if errors:
-        row["convert" if not blocks else "notes"] = "; ".join(errors)[:300]
+    else:
+        row["build"] = f"{why}; " + "; ".join(unbuilt)[:300]
     return row
 
 

@@ -111,3 +111,20 @@ def test_layer_drops_by_policy_and_counts_bias_before_dropping(policy):
     assert torch.equal(layer.stats.load, torch.bincount(kept.reshape(-1), minlength=5)[:4])
     chosen = torch.bincount(indices.reshape(-1), minlength=4).float()
     assert torch.equal(layer.gate.expert_counts, chosen)  # before dropping
+
+
+def test_position_policy_drops_the_last_positions_of_every_sequence():
+    """[B, S, D] input: Megatron's tokens are sequence-major, so "position" keeps the earliest
+    positions of all sequences (order s, then b), not the first sequences of the batch."""
+    cfg = MoEConfig(hidden_size=8, intermediate_size=4, num_experts=2, top_k=1, capacity_factor=0.5,
+                    drop_policy="position", backend="torch")
+    torch.manual_seed(1)
+    layer = MoELayer(cfg)
+    with torch.no_grad():  # every token prefers expert 0
+        layer.gate.weight.zero_()
+        layer.gate.weight[0, 0] = 1.0
+    x = torch.randn(2, 4, 8).abs()  # x[..., 0] > 0: expert 0 wins for all 8 tokens
+    out = layer(x)
+    # capacity ceil(0.5 * 8 / 2) = 2 on expert 0: positions s=0 of both sequences stay
+    kept = out.abs().sum(-1) > 0
+    assert torch.equal(kept, torch.tensor([[True, False, False, False], [True, False, False, False]]))

@@ -590,7 +590,9 @@ def configs(draw):
     if routing == "expert_choice" or draw(st.booleans()):
         kw["capacity_factor"] = draw(st.floats(0.01, 8))
         kw["pad_to_capacity"] = draw(st.booleans())
-    if routing != "expert_choice":
+    if routing != "token_choice":  # expert choice and Sinkhorn pick experts their own way
+        kw["n_groups"] = kw["topk_groups"] = 1
+    if routing == "token_choice":
         kw["expert_bias"] = draw(st.booleans())
         kw["bias_update_rate"] = draw(st.floats(0, 1))
         kw["bias_max"] = draw(st.floats(0, 10))
@@ -850,3 +852,18 @@ def test_new_presets_match_transformers_configs():
     c = MoEConfig.preset("qwen3-235b-a22b")
     experts = getattr(qwen3, "num_experts", None) or qwen3.num_local_experts
     assert (c.num_experts, c.top_k, c.vocab_size) == (experts, qwen3.num_experts_per_tok, qwen3.vocab_size)
+
+
+@pytest.mark.parametrize(
+    "fields,match",
+    [
+        pytest.param(dict(routing="sinkhorn", expert_bias=True), "sinkhorn", id="sinkhorn-bias"),
+        pytest.param(dict(routing="sinkhorn", n_groups=2, topk_groups=1), "sinkhorn", id="sinkhorn-groups"),
+        pytest.param(dict(routing="sinkhorn", hash_routing=True, vocab_size=10), "sinkhorn", id="sinkhorn-hash"),
+        pytest.param(dict(routing="expert_choice", capacity_factor=1.0, n_groups=2, topk_groups=1), "expert_choice",
+                     id="expert-choice-groups"),
+    ],
+)
+def test_routing_scheme_conflicts_name_the_scheme(fields, match):
+    with pytest.raises(ValueError, match=match):
+        MoEConfig(hidden_size=8, intermediate_size=4, num_experts=4, top_k=2, **fields)

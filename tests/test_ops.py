@@ -521,8 +521,8 @@ def test_moe_ffn_takes_decode_path_for_small_batches(monkeypatch, gemm_paths):
     ref = value_and_grads(lambda *a: ref_moe_ffn(a[0], a[1], indices, a[2], a[3]), x, weights, gate_up, down, cot)
     for name, g, r in zip(NAMES, got, ref, strict=True):
         assert_close(g, r, 1e-5, f"{name} vs reference")
-    moe_ffn(*make_case(17, 6, 2, 16, 8, F32, seed=9)[:2], make_case(17, 6, 2, 16, 8, F32, seed=9)[2],
-            gate_up, down, "torch")
+    x, weights, indices, gate_up, down, cot = make_case(17, 6, 2, 16, 8, F32, seed=9)
+    value_and_grads(lambda *a: moe_ffn(a[0], a[1], indices, a[2], a[3], "torch"), x, weights, gate_up, down, cot)
     assert gemm_paths, "N*k = 34 > SMALL_ROWS takes the sorted path"
 
 

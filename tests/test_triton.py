@@ -309,6 +309,29 @@ def test_weight_grad_kernel(tk):
     ref = mod._reference(x, b, plan.offsets, a_index=plan.token_of_row, scale=scale[plan.slot_of_row])
     assert rel_err(out, ref) <= TOL
     assert bool((out[plan.counts == 0] == 0).all())
+    for limit in (None, 0.7):  # b = swiglu(h) recomputed in the kernel from h [S, 2P]
+        h = 2 * torch.randn(num_rows, 2 * 23)
+        out = mod.expert_weight_grad(x, h, plan.offsets, torch.float32, a_index=plan.token_of_row, scale=scale,
+                                     scale_index=plan.slot_of_row, b_gated=True, limit=limit)
+        ref = mod._reference(x, h, plan.offsets, a_index=plan.token_of_row, scale=scale[plan.slot_of_row],
+                             b_gated=True, limit=limit)
+        assert out.shape == (5, x.shape[1], 23) and rel_err(out, ref) <= TOL
+
+
+def test_backward_keeps_only_h(tk):
+    """Between forward and backward the triton path keeps x, the weights, h [S, 2I] and the small
+    plan tensors: no act [S, I] and no gathered x rows [S, D]."""
+    leaves, indices = make_case(9, 3, 2, 24, 16)
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = tk.moe_ffn_triton(*leaves[:2], indices, *leaves[2:])
+    assert [s for s in shapes if len(s) == 2 and s[0] == 18] == [(18, 32)], shapes
+    out.sum().backward()
 
 
 # ----------------------------------------------------------------------------- the whole FFN vs the loop reference
@@ -458,9 +481,9 @@ def test_opcheck_custom_ops(tk, has_dropped):
     torch.library.opcheck(torch.ops.moe_kit.routed_swiglu_fwd.default, args)
     x, weights, gate_up, down, token, slot, offsets, table, limit, block_m, dropped, _ = args
     with torch.no_grad():
-        _, h, act = torch.ops.moe_kit.routed_swiglu_fwd(*args)
+        _, h = torch.ops.moe_kit.routed_swiglu_fwd(*args)
     grad_out = torch.randn_like(x)
-    bwd_args = (grad_out, x.detach(), weights.detach(), gate_up.detach(), down.detach(), h, act, token, slot, offsets,
+    bwd_args = (grad_out, x.detach(), weights.detach(), gate_up.detach(), down.detach(), h, token, slot, offsets,
                 table, limit, block_m, dropped, True, True, True, True)
     torch.library.opcheck(torch.ops.moe_kit.routed_swiglu_bwd.default, bwd_args)
 

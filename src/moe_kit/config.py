@@ -170,6 +170,16 @@ class MoEConfig:
                 raise ValueError(
                     "routing='expert_choice' is incompatible with expert_bias (noaux_tc steers token choice)"
                 )
+            if self.n_groups > 1:
+                raise ValueError("routing='expert_choice' is incompatible with n_groups > 1 (experts pick tokens)")
+        if self.routing == "sinkhorn":
+            if self.expert_bias or self.n_groups > 1:
+                raise ValueError(
+                    "routing='sinkhorn' is incompatible with expert_bias and n_groups > 1 (the Sinkhorn plan "
+                    "balances the selection itself, as Megatron's sinkhorn load balancing)"
+                )
+            if self.routes_by_hash:
+                raise ValueError("routing='sinkhorn' is incompatible with hash routing (hash_routing / n_hash_layers)")
 
     def _check_aux_losses(self):
         kind, coef = self.aux_loss_type, self.aux_loss_coef
@@ -358,8 +368,8 @@ def _require_choice(name, value, choices):
 # Released MoE settings, from each model's published config.json (cross-checked against the
 # transformers config classes). Only the MoE block's settings; attention etc. are not ours.
 # aux_loss_coef is the released router_aux_loss_coef / aux_loss_alpha as written; transformers'
-# load_balancing_loss_func is top_k times moe_kit's per-layer value and pools all layers, so the
-# same training signal as an HF run needs about top_k * that coefficient here.
+# load_balancing_loss_func is top_k times moe_kit's per-layer value and pools all L layers into one
+# loss, so the router gradients of an HF run with coefficient c need aux_loss_coef = c * top_k / L here.
 PRESETS: dict[str, dict] = {
     # google/switch-base-128: softmax top-1 (weight = the top-1 probability), capacity by position,
     # jitter 0.01, aux and z losses 1e-3; train capacity factor 1.25 (paper; the HF config gives a fixed

@@ -97,7 +97,7 @@ class MoELayer(nn.Module):
             elif self.ep_group is not None:
                 routed, dropped = self._routed_expert_parallel(x_flat, weights, indices, mask)
             else:
-                routed, dropped = self._routed_local(x_flat, weights, indices, mask)
+                routed, dropped = self._routed_local(x_flat, weights, indices, mask, tuple(x.shape[:-1]))
             out = routed
             if self.shared_experts is not None:
                 out = out + self.shared_experts(x_flat)
@@ -109,7 +109,7 @@ class MoELayer(nn.Module):
             return self.gate(x, input_ids, token_mask=token_mask)
         return self.gate(x, token_mask=token_mask)
 
-    def _routed_local(self, x_flat, weights, indices, mask):
+    def _routed_local(self, x_flat, weights, indices, mask, batch_shape):
         """Routed experts on this process; padding and capacity overflow marked with id E."""
         num_experts = self.cfg.num_experts
         marked = indices if mask is None else indices.masked_fill(~mask.unsqueeze(1), num_experts)
@@ -118,11 +118,10 @@ class MoELayer(nn.Module):
         if self.cfg.capacity_factor is not None and not gate_marks:
             num_real = x_flat.shape[0] if mask is None else mask.sum()  # real tokens only (a tensor: no sync)
             capacity = capacity_of(num_real * self.cfg.top_k, num_experts, self._capacity_ratio)
-            ranking = weights.detach().reshape(-1)
+            ranking, policy = self._drop_ranking(weights, batch_shape)
             if mask is not None:  # padding ranks last, so it never takes a real slot's place
                 ranking = ranking.masked_fill(~mask.repeat_interleave(self.cfg.top_k), float("-inf"))
-            over = over_capacity(ranking, marked.reshape(-1), num_experts, capacity, self.cfg.drop_policy)
-            over = over.view_as(indices)
+            over = over_capacity(ranking, marked.reshape(-1), num_experts, capacity, policy).view_as(indices)
             if mask is not None:
                 over = over & mask.unsqueeze(1)
             dropped = over.sum()
@@ -141,6 +140,18 @@ class MoELayer(nn.Module):
         )
         self._remember(marked, dropped, mask)
         return routed, dropped
+
+    def _drop_ranking(self, weights: torch.Tensor, batch_shape) -> tuple[torch.Tensor, str]:
+        """(priority [N*k], over_capacity policy): the routing weights under drop_policy "probs";
+        under "position" with [B, S] tokens, earlier sequence positions first (s, then b, as
+        Megatron's sequence-major layout), else plain token order."""
+        if self.cfg.drop_policy == "position" and len(batch_shape) == 2:
+            batch, seq = batch_shape
+            b = torch.arange(batch, device=weights.device).unsqueeze(1)
+            s = torch.arange(seq, device=weights.device).unsqueeze(0)
+            order = (s * batch + b).reshape(-1).repeat_interleave(self.cfg.top_k)  # [N*k]
+            return -order.to(torch.float64), "probs"  # highest priority = earliest (s, b)
+        return weights.detach().reshape(-1), self.cfg.drop_policy
 
     def _routed_expert_parallel(self, x_flat, weights, indices, mask):
         """Routed experts across ep_group (capacity, if any, per expert over the group)."""

@@ -88,7 +88,7 @@ class Router(nn.Module):
             return
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
         if self.bias is not None:
-            nn.init.zeros_(self.bias)  # an unbiased router at init (Megatron zeroes its router bias)
+            nn.init.zeros_(self.bias)  # our choice: an unbiased router at init (Megatron, gpt-oss draw it like W)
 
     def reset_parameters(self) -> None:
         """(Re)initialize everything this gate owns, e.g. after `to_empty()` of a meta-built model."""

@@ -3,10 +3,12 @@
 Legend: N tokens, k slots per token, S = N*k slots, E experts. Dropped slots are marked with id E.
 
 Which slots an expert keeps (`drop_policy`):
-  "probs"     the highest routing weights (ties: earlier slot first) — GShard / Switch, Megatron's
+  "probs"     the highest routing weights (ties: earlier slot first) — Megatron's
               moe_token_drop_policy="probs", moe_kit's default
   "position"  the earliest slots in batch order (token n's slots before token n+1's) — Megatron's
-              moe_token_drop_policy="position"
+              moe_token_drop_policy="position" and transformers' Switch router. For [B, S, D]
+              input the layer orders by position in the sequence first (s, then b), as Megatron's
+              sequence-major tokens do: the last positions of every sequence drop first.
 C is computed exactly: capacity_factor is taken as the decimal it was written as (1.1 is 11/10),
 so ceil(1.1 * 100 / 10) is 11, where float arithmetic gives 12.
 """

@@ -164,7 +164,7 @@ def _to_hf_block(layer: MoELayer, origin: HFOrigin, name: str) -> nn.Module:
     # bias the family has no place for.
     keys = {key: key for key in block.state_dict(keep_vars=True)}
     bias = getattr(layer.gate, "expert_bias", None)
-    if bias is not None and "gate.expert_bias" not in keys.values() and "gate.e_score_correction_bias" not in keys:
+    if "gate.expert_bias" in layer.state_dict(keep_vars=True) and "gate.expert_bias" not in keys:
         if not bias.is_meta and bool(bias.any()):
             warnings.warn(
                 f"{name}: {origin.cls.__name__} has no expert bias; the trained moe_kit gate.expert_bias is dropped, "

@@ -265,23 +265,25 @@ def check_block(block: nn.Module) -> None:
         raise ValueError(f"shared_expert_combination_strategy={strategy!r}: MoELayer adds the shared expert")
 
 
-# Block classes whose forward is `router -> experts (+ shared expert)` as block_layout reads it.
+# Block classes whose forward is `router -> experts (+ shared expert)` as block_layout reads it, and
+# whose conversion benchmarks/hf_coverage.py measured equal to eager (transformers 5.24). Others that
+# look the same but could not be measured (their config does not build from the shrunk sizes:
+# Qwen3-Omni, GLM-5-Next) are refused until they are.
 VERIFIED = (
     # Qwen-shaped: softmax top-k router, optional shared expert behind a sigmoid gate
     "Qwen3MoeSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3NextSparseMoeBlock", "Qwen3_5MoeSparseMoeBlock",
-    "Qwen3VLMoeTextSparseMoeBlock", "Qwen3OmniMoeThinkerTextSparseMoeBlock", "Qwen3OmniMoeTalkerTextSparseMoeBlock",
-    "Qwen4ExpTextSparseMoeBlock", "OlmoeSparseMoeBlock", "FlexOlmoSparseMoeBlock", "MellumSparseMoeBlock",
-    "Inkling2SparseMoeBlock", "Inkling2LoopSparseMoeBlock", "FlintSparseMoeBlock", "LaraMiniSparseMoeBlock",
+    "Qwen3VLMoeTextSparseMoeBlock", "Qwen4ExpTextSparseMoeBlock", "OlmoeSparseMoeBlock", "FlexOlmoSparseMoeBlock",
+    "MellumSparseMoeBlock", "FlintSparseMoeBlock", "LaraMiniSparseMoeBlock",
     # Mixtral-shaped: softmax of the top-k logits, jitter on the block
     "MixtralSparseMoeBlock", "MiniMaxSparseMoeBlock", "JambaSparseMoeBlock",
     "GraniteMoeMoE", "GraniteMoeSWAMoE", "GraniteMoeHybridMoE", "GraniteMoeSharedMoE",
     "HunYuanMoEV1Moe", "Cohere2MoeSparseMoeBlock",  # Aria: transposed experts, refused
     # DeepSeek-shaped: sigmoid / softmax scores, expert bias, groups, routed scaling, shared experts
     "DeepseekV2Moe", "DeepseekV3MoE", "DeepseekV32MoE", "DeepseekV4SparseMoeBlock", "DeepseekOcr2TextMoe",
-    "Dots1MoE", "Dots3NoteTextMoE", "Glm4MoeMoE", "Glm4MoeLiteMoE", "Glm4vMoeTextMoE", "Glm5NextTextMoE",
+    "Dots1MoE", "Dots3NoteTextMoE", "Glm4MoeMoE", "Glm4MoeLiteMoE", "Glm4vMoeTextMoE",
     "GlmMoeDsaMoE", "Mistral4MoE", "MistralLarge4TextMoE", "ExaoneMoeSparseMoEBlock", "KimiLinearMoE",
     "BailingHybridMoE", "AXK2MoE", "SolarOpenMoE", "UnlimitedOcrTextMoe", "BeamMoE",
-    "LagunaSparseMoeBlock", "MiniMaxM3VLSparseMoeBlock", "MiMoV2FlashMoE",
+    "LagunaSparseMoeBlock", "MiMoV2FlashMoE",
     # expert bias on the block, handed to the router
     "HYV3MoE", "MiniMaxM2SparseMoeBlock", "Lfm2MoeSparseMoeBlock", "AfmoeSparseMoeBlock",
 )

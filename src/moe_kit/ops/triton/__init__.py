@@ -9,7 +9,7 @@ Files, each reference -> kernel -> launcher:
     gemm1_swiglu.py     gather x rows + GEMM 1 + SwiGLU            -> h [S, 2I], act [S, I]
     scatter_gemm.py     GEMM 2 (* routing weight) / dX, slot order -> [S, D]
     swiglu_backward.py  grad_out rows @ down + SwiGLU backward     -> dH [S, 2I], d_weights [S]
-    weight_grad.py      per-expert sum of outer products           -> d_gate_up, d_down
+    weight_grad.py      per-expert sum of outer products           -> d_gate_up, d_down (act from h)
     autograd.py         the two custom ops (moe_kit::routed_swiglu_fwd / _bwd) + register_autograd
     compat.py           triton_op / custom_op and wrap_triton across torch versions
 Forward: 2 kernel launches (GEMM 1, GEMM 2); backward: 4 (SwiGLU backward, 2 weight gradients,
@@ -54,7 +54,7 @@ def moe_ffn_triton(
     save_h = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, weights, gate_up_proj, down_proj)
     )
-    out, _, _ = torch.ops.moe_kit.routed_swiglu_fwd(
+    out, _ = torch.ops.moe_kit.routed_swiglu_fwd(
         x, weights, gate_up_proj, down_proj, plan.token_of_row, plan.slot_of_row, plan.offsets, table,
         None if swiglu_limit is None else float(swiglu_limit), block_m, has_dropped, save_h,
     )

@@ -9,10 +9,13 @@ Reference: moe_kit.ops.loop.moe_ffn_loop. Forward (kernels in this package):
     out    = y.view(N, k, D).sum(1)                        # deterministic combine
 Backward:
     dH, d_weights = swiglu_backward(grad_out[token_of_row] @ down, h)
-    d_down        = expert_weight_grad((weights * grad_out[token])^T act)
+    d_down        = expert_weight_grad((weights * grad_out[token])^T swiglu(h))   # act recomputed in-kernel
     d_gate_up     = expert_weight_grad(dH^T x[token])
     d_x           = scatter_gemm(dH, gate_up).view(N, k, D).sum(1)
-The forward saves h [S, 2I] and act [S, I] (memory for no second GEMM 1 in the backward).
+Saved for the backward: x (the caller's), the weights and h [S, 2I] only: act is a forward
+temporary (the weight-gradient kernel recomputes it from h), x[token] is never materialized
+(the kernels read x through token_of_row). The forward still writes y [S, D] once for the
+deterministic slot-order combine (an atomic combine would drop it but lose determinism).
 Both ops are `torch.library.triton_op`s where torch has them, so torch.compile traces through to
 the kernels (plain opaque custom_ops under the Triton interpreter, see compat.py);
 `moe_kit::routed_swiglu_fwd` carries the autograd formula (register_autograd).
@@ -34,7 +37,7 @@ Tensor = torch.Tensor
 def _fwd_fake(x, weights, gate_up, down, token_of_row, slot_of_row, offsets, table, swiglu_limit, block_m,
               has_dropped, save_h):
     num_rows, inter = token_of_row.shape[0], down.shape[2]
-    return x.new_empty(x.shape), x.new_empty(num_rows if save_h else 0, 2 * inter), x.new_empty(num_rows, inter)
+    return x.new_empty(x.shape), x.new_empty(num_rows if save_h else 0, 2 * inter)
 
 
 @define_op("moe_kit::routed_swiglu_fwd", fake=_fwd_fake)
@@ -51,20 +54,20 @@ def routed_swiglu_fwd(
     block_m: int,
     has_dropped: bool,
     save_h: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """x [N, D], weights [N, k], gate_up [E, 2I, D], down [E, D, I], token/slot_of_row int64 [S],
     offsets int64 [E + 1], table int32 [3, B] (built for block_m)
-    -> (out [N, D], h [S, 2I] or [0, 2I] unless save_h, act [S, I]), all in x.dtype; rows of
-    dropped slots (has_dropped) are zero in h and act, so every output is deterministic.
+    -> (out [N, D], h [S, 2I] or [0, 2I] unless save_h), both in x.dtype; rows of dropped slots
+    (has_dropped) are zero in h, so every output is deterministic.
     """
     num_tokens, top_k = weights.shape
     h, act = gemm1_swiglu(x, gate_up, token_of_row, table, block_m, swiglu_limit, save_h, zero_fill=has_dropped)
     y = scatter_gemm(act, down, True, slot_of_row, table, block_m, scale=weights.contiguous().view(-1),
-                     zero_fill=has_dropped)  # [S, D]
-    return y.view(num_tokens, top_k, x.shape[1]).sum(1), h, act
+                     zero_fill=has_dropped)  # [S, D]; act dies here
+    return y.view(num_tokens, top_k, x.shape[1]).sum(1), h
 
 
-def _bwd_fake(grad_out, x, weights, gate_up, down, h, act, token_of_row, slot_of_row, offsets, table, swiglu_limit,
+def _bwd_fake(grad_out, x, weights, gate_up, down, h, token_of_row, slot_of_row, offsets, table, swiglu_limit,
               block_m, has_dropped, need_x, need_weights, need_gate_up, need_down):
     def grad_like(t, needed):
         return t.new_empty(t.shape if needed else (0,))
@@ -81,7 +84,6 @@ def routed_swiglu_bwd(
     gate_up: Tensor,
     down: Tensor,
     h: Tensor,
-    act: Tensor,
     token_of_row: Tensor,
     slot_of_row: Tensor,
     offsets: Tensor,
@@ -94,7 +96,7 @@ def routed_swiglu_bwd(
     need_gate_up: bool,
     need_down: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """grad_out [N, D] and the forward's inputs and saved h, act -> (d_x [N, D], d_weights [N, k],
+    """grad_out [N, D] and the forward's inputs and saved h -> (d_x [N, D], d_weights [N, k],
     d_gate_up [E, 2I, D], d_down [E, D, I]), each in its input's dtype; an unneeded one is empty [0].
     """
     num_tokens, top_k = weights.shape
@@ -103,8 +105,8 @@ def routed_swiglu_bwd(
     empty = x.new_empty(0)
     d_x, d_weights, d_gate_up, d_down = empty, weights.new_empty(0), gate_up.new_empty(0), down.new_empty(0)
     if need_down:
-        d_down = expert_weight_grad(grad_out, act, offsets, down.dtype, a_index=token_of_row,
-                                    scale=weights_flat, scale_index=slot_of_row)
+        d_down = expert_weight_grad(grad_out, h, offsets, down.dtype, a_index=token_of_row,
+                                    scale=weights_flat, scale_index=slot_of_row, b_gated=True, limit=swiglu_limit)
     if need_x or need_weights or need_gate_up:
         d_h, d_w = swiglu_backward(grad_out, down, h, token_of_row, slot_of_row, weights_flat, table, block_m,
                                    swiglu_limit)
@@ -120,17 +122,17 @@ def routed_swiglu_bwd(
 
 def _setup_context(ctx, inputs, output):
     x, weights, gate_up, down, token_of_row, slot_of_row, offsets, table, limit, block_m, has_dropped, _ = inputs
-    _, h, act = output
-    ctx.save_for_backward(x, weights, gate_up, down, h, act, token_of_row, slot_of_row, offsets, table)
+    _, h = output
+    ctx.save_for_backward(x, weights, gate_up, down, h, token_of_row, slot_of_row, offsets, table)
     ctx.limit, ctx.block_m, ctx.has_dropped = limit, block_m, has_dropped
-    ctx.mark_non_differentiable(h, act)
+    ctx.mark_non_differentiable(h)
 
 
-def _backward(ctx, grad_out, _grad_h, _grad_act):
-    x, weights, gate_up, down, h, act, token_of_row, slot_of_row, offsets, table = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_h):
+    x, weights, gate_up, down, h, token_of_row, slot_of_row, offsets, table = ctx.saved_tensors
     need = ctx.needs_input_grad[:4]
     grads = torch.ops.moe_kit.routed_swiglu_bwd(
-        grad_out, x, weights, gate_up, down, h, act, token_of_row, slot_of_row, offsets, table,
+        grad_out, x, weights, gate_up, down, h, token_of_row, slot_of_row, offsets, table,
         ctx.limit, ctx.block_m, ctx.has_dropped, *need,
     )
     return (*(g if n else None for g, n in zip(grads, need, strict=True)), *(None,) * 8)

@@ -5,7 +5,9 @@ I expert hidden width, M x P the shape of one expert's weight gradient.
 
 Reference, for each expert e owning rows offsets[e]:offsets[e+1]:
     out[e] = sum over its rows r of (scale[r] * a[ia(r)])^T b[ib(r)]        # [M, P]
-    d down[e]    [D, I]:  a = grad_out [N, D] gathered by token, scale = routing weight, b = act [S, I]
+    d down[e]    [D, I]:  a = grad_out [N, D] gathered by token, scale = routing weight,
+                          b = act [S, I] = silu(min(g, L)) * clamp(u, -L, L), recomputed in the
+                          kernel from h [S, 2I] (g = h[:, :I], u = h[:, I:]; B_GATED): no act buffer
     d gate_up[e] [2I, D]: a = dH [S, 2I],                         b = x [N, D] gathered by token
 One program owns one (expert, M tile, P tile) and loops over the expert's rows in BLOCK_K
 chunks, so the reduction order is fixed (deterministic, no atomics) and an empty expert's
@@ -18,16 +20,20 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_kit.activations import swiglu
 from moe_kit.ops.triton.compat import wrap_triton
 from moe_kit.ops.triton.configs import dot_precision, weight_grad_configs
 
 
-def _reference(a, b, offsets, a_index=None, b_index=None, scale=None):
-    """a [*, M], b [*, P], offsets int64 [E + 1], a/b_index int64 [S] or None, scale [S] -> [E, M, P]."""
+def _reference(a, b, offsets, a_index=None, b_index=None, scale=None, b_gated=False, limit=None):
+    """a [*, M], b [*, P] (b_gated: h [*, 2P], b = swiglu(h)), offsets int64 [E + 1], a/b_index int64 [S]
+    or None, scale [S] -> [E, M, P]."""
     a_rows = a if a_index is None else a[a_index]
     if scale is not None:
         a_rows = a_rows * scale.unsqueeze(1).to(a.dtype)
     b_rows = b if b_index is None else b[b_index]
+    if b_gated:
+        b_rows = swiglu(b_rows, limit)
     bounds = offsets.tolist()
     return torch.stack([a_rows[lo:hi].t() @ b_rows[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)])
 
@@ -36,9 +42,10 @@ def _reference(a, b, offsets, a_index=None, b_index=None, scale=None):
 @triton.jit
 def _weight_grad_kernel(
     a_ptr, b_ptr, a_index_ptr, b_index_ptr, scale_index_ptr, scale_ptr, offsets_ptr, out_ptr,
-    M, P,
+    M, P, limit,
     stride_ar, stride_am, stride_br, stride_bp, stride_oe, stride_om, stride_op,
-    A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, B_GATED: tl.constexpr,
+    HAS_LIMIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -71,8 +78,16 @@ def _weight_grad_kernel(
             slot = tl.load(scale_index_ptr + rows, mask=r_ok, other=0).to(tl.int64)
             s = tl.load(scale_ptr + slot, mask=r_ok, other=0.0).to(tl.float32)
             a = (a.to(tl.float32) * s[None, :]).to(a_ptr.dtype.element_ty)
-        b = tl.load(b_ptr + b_rows[:, None] * stride_br + ps.to(tl.int64)[None, :] * stride_bp,
-                    mask=r_ok[:, None] & p_ok[None, :], other=0.0)  # [BK, BN]
+        b_ptrs = b_ptr + b_rows[:, None] * stride_br + ps.to(tl.int64)[None, :] * stride_bp
+        b_mask = r_ok[:, None] & p_ok[None, :]
+        b = tl.load(b_ptrs, mask=b_mask, other=0.0)  # [BK, BN]
+        if B_GATED:  # b is the gate half of h; the activation is recomputed from both halves
+            gate = b.to(tl.float32)
+            up = tl.load(b_ptrs + P * stride_bp, mask=b_mask, other=0.0).to(tl.float32)
+            if HAS_LIMIT:
+                gate = tl.minimum(gate, limit)
+                up = tl.minimum(tl.maximum(up, -limit), limit)
+            b = (gate * tl.sigmoid(gate) * up).to(b_ptr.dtype.element_ty)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     out_ptrs = (out_ptr + expert.to(tl.int64) * stride_oe
@@ -89,12 +104,15 @@ def expert_weight_grad(
     b_index: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     scale_index: torch.Tensor | None = None,
+    b_gated: bool = False,
+    limit: float | None = None,
 ) -> torch.Tensor:
     """a [*, M], b [*, P] (same dtype), offsets int64 [E + 1]; a_index / b_index int64 [S] gather rows
     (None: row r itself); scale [*] read at scale_index[r] multiplies a's row -> [E, M, P] in out_dtype.
+    b_gated: b is h [*, 2P] and the kernel uses swiglu(h, limit) [*, P] in its place.
     """
     num_experts = offsets.numel() - 1
-    width_m, width_p = a.shape[1], b.shape[1]
+    width_m, width_p = a.shape[1], b.shape[1] // 2 if b_gated else b.shape[1]
     if a.numel() == 0 or b.numel() == 0:
         return a.new_zeros(num_experts, width_m, width_p, dtype=out_dtype)
     out = a.new_empty(num_experts, width_m, width_p, dtype=out_dtype)  # every entry written
@@ -105,9 +123,9 @@ def expert_weight_grad(
     wrap_triton(_weight_grad_kernel)[grid](
         a, b, offsets if a_index is None else a_index, offsets if b_index is None else b_index,
         offsets if scale_index is None else scale_index, a if scale is None else scale, offsets, out,
-        width_m, width_p,
+        width_m, width_p, 0.0 if limit is None else float(limit),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2),
         A_GATHER=a_index is not None, B_GATHER=b_index is not None, HAS_SCALE=scale is not None,
-        DOT_PRECISION=dot_precision(a.dtype),
+        B_GATED=b_gated, HAS_LIMIT=limit is not None, DOT_PRECISION=dot_precision(a.dtype),
     )
     return out
