@@ -93,7 +93,34 @@ def test_swap_ffn_default_filter_replaces_mlps_and_returns_names():
     assert all(isinstance(model.get_submodule(n), MoELayer) for n in names)
     assert isinstance(model.layers[1].mlp, MoELayer) and isinstance(model.layers[1].attn, nn.Linear)
     assert rel_err(model(x), dense_out) < 1e-5  # upcycled copies with norm_topk_prob: same function
-    assert moe_kit.swap_ffn(model, lambda n, m: pytest.fail("swapped twice")) == []  # MoELayers are skipped
+    with pytest.warns(UserWarning, match="replaced nothing"):
+        assert moe_kit.swap_ffn(model, lambda n, m: pytest.fail("swapped twice")) == []  # MoELayers are skipped
+
+
+def test_swap_ffn_passes_the_layer_index_to_make_layer_that_takes_it():
+    """A DeepSeek-V4-style config hashes only the first n_hash_layers layers: make_layer gets each
+    module's layer index (the number in its name) when it takes `layer_id`."""
+    model = Toy()
+    cfg = cfg_for(n_hash_layers=1, vocab_size=50)
+    seen = []
+
+    def make(name, mlp, layer_id):
+        seen.append((name, layer_id))
+        return moe_kit.upcycle(mlp, cfg, layer_id)
+
+    moe_kit.swap_ffn(model, make, filter_fn=lambda n, m: n.startswith("layers.") and n.endswith(".mlp"))
+    assert seen == [("layers.0.mlp", 0), ("layers.1.mlp", 1), ("layers.2.mlp", 2)]
+    gates = [type(model.layers[i].mlp.gate).__name__ for i in range(3)]
+    assert gates == ["HashGate", "TopKGate", "TopKGate"]
+    kwargs = []
+    moe_kit.swap_ffn(Toy(), lambda name, mlp, **kw: kwargs.append(kw) or nn.Identity())  # **kwargs gets it too
+    assert [kw["layer_id"] for kw in kwargs] == [0, 1, 2, 3]  # final_ffn has no number: its rank among picks
+
+
+def test_swap_ffn_warns_when_nothing_matches():
+    encoder = nn.TransformerEncoderLayer(d_model=D, nhead=4, dim_feedforward=FF)  # FFN in linear1 / linear2
+    with pytest.warns(UserWarning, match="linear1"):
+        assert moe_kit.swap_ffn(encoder, lambda n, m: pytest.fail("nothing to swap")) == []
 
 
 def test_swap_ffn_custom_filter_inside_containers_and_no_descent():

@@ -726,3 +726,18 @@ def test_layer_compiles_fullgraph_with_dynamic_tokens(name, masked):
             torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-6)
         if counts0 is not None:
             assert torch.equal(counts0, counts1) and counts0.sum() > 0
+
+
+def test_checkpointed_compiled_layer_counts_each_forward_once():
+    """checkpoint(compiled layer): the backward replays the compiled forward, and the expert-bias
+    counter (a custom op that checks for a running backward when it runs) must not count it again."""
+    torch._dynamo.reset()
+    cfg = MoEConfig(hidden_size=16, intermediate_size=8, num_experts=4, top_k=2, expert_bias=True, backend="torch")
+    layer = build(cfg, seed=4).train()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(10, 16, requires_grad=True)
+    out = torch.utils.checkpoint.checkpoint(compiled, x, use_reentrant=False)
+    after_forward = layer.gate.expert_counts.clone()
+    assert after_forward.sum() == 10 * cfg.top_k
+    out.sum().backward()
+    assert torch.equal(layer.gate.expert_counts, after_forward)

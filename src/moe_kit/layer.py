@@ -72,7 +72,16 @@ class MoELayer(nn.Module):
         """Initialize every parameter and buffer (router, expert bias and counts, hash table,
         experts, shared experts): what a layer built on the meta device needs after to_empty()."""
         self.gate.reset_parameters()
-        self.experts.reset_parameters()
+        if self.ep_group is None:
+            self.experts.reset_parameters()
+        else:  # as local_experts: one seed drawn alike on every rank, then seed + rank, so ranks differ
+            seed = int(torch.randint(0, 2**62, (), device="cpu")) + torch.distributed.get_rank(self.ep_group)
+            with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+                torch.default_generator.manual_seed(seed)
+                fresh = GroupedExperts(self.experts.num_experts, self.cfg.hidden_size, self.cfg.intermediate_size)
+            with torch.no_grad():
+                self.experts.gate_up_proj.copy_(fresh.gate_up_proj)
+                self.experts.down_proj.copy_(fresh.down_proj)
         if self.shared_experts is not None:
             for module in self.shared_experts.modules():
                 if isinstance(module, nn.Linear):

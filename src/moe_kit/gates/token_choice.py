@@ -56,14 +56,17 @@ class TopKGate(Router):
 
     def _apply(self, fn, recurse=True):
         """Casts (model.to(bf16), .half()) leave the expert bias and counts fp32 and unrounded;
-        device moves and to_empty() move them with the router weight."""
+        every other function (device moves, to_empty, share_memory) applies to the bias as usual,
+        and the counts follow the router weight's device."""
         kept = {name: self._buffers.pop(name) for name in _FP32_STATE if self._buffers.get(name) is not None}
         super()._apply(fn, recurse)
-        device = self.weight.device
         for name, buffer in kept.items():
-            self._buffers[name] = _to_device(buffer, device)
+            moved = fn(buffer)
+            if moved.dtype != torch.float32:  # a cast: keep the exact fp32 values, take only the device
+                moved = _to_device(buffer, moved.device)
+            self._buffers[name] = moved
         if self.expert_counts is not None:
-            self.expert_counts = _to_device(self.expert_counts, device)
+            self.expert_counts = _to_device(self.expert_counts, self.weight.device)
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -107,13 +110,11 @@ class TopKGate(Router):
         """Add the chosen experts of real tokens to expert_counts (see the counting policy above)."""
         if self.expert_counts is None or not self.training or indices.is_meta:
             return
-        if not torch.compiler.is_compiling() and (torch.is_inference_mode_enabled() or is_recomputing()):
-            return
         counts = self.current_counts()
         ones = torch.ones_like(indices, dtype=counts.dtype)
         if mask is not None:
             ones = ones * mask.unsqueeze(1).to(counts.dtype)
-        counts.scatter_add_(0, indices.reshape(-1).to(counts.device), ones.reshape(-1).to(counts.device))
+        add_expert_counts(counts, indices.reshape(-1).to(counts.device), ones.reshape(-1).to(counts.device))
 
     def current_counts(self) -> torch.Tensor:
         """expert_counts [E] fp32, on the expert bias's device (recreated as zeros if it was left on
@@ -122,6 +123,21 @@ class TopKGate(Router):
         if self.expert_counts.device != device:
             self.expert_counts = _to_device(self.expert_counts, device)
         return self.expert_counts
+
+
+@torch.library.custom_op("moe_kit::add_expert_counts", mutates_args=("counts",))
+def add_expert_counts(counts: torch.Tensor, experts: torch.Tensor, weight: torch.Tensor) -> None:
+    """counts [E] += per-expert sum of weight [S] over experts int64 [S] — unless this runs inside a
+    backward (an activation-checkpoint recompute) or under inference_mode. A custom op, so that the
+    check happens when the op runs, also inside a torch.compile'd graph that a checkpoint replays."""
+    if torch.is_inference_mode_enabled() or is_recomputing():
+        return
+    counts.scatter_add_(0, experts, weight)
+
+
+@add_expert_counts.register_fake
+def _(counts, experts, weight) -> None:
+    return None
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

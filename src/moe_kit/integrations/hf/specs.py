@@ -282,7 +282,7 @@ VERIFIED = (
     "DeepseekV2Moe", "DeepseekV3MoE", "DeepseekV32MoE", "DeepseekV4SparseMoeBlock", "DeepseekOcr2TextMoe",
     "Dots1MoE", "Dots3NoteTextMoE", "Glm4MoeMoE", "Glm4MoeLiteMoE", "Glm4vMoeTextMoE",
     "GlmMoeDsaMoE", "Mistral4MoE", "MistralLarge4TextMoE", "ExaoneMoeSparseMoEBlock", "KimiLinearMoE",
-    "BailingHybridMoE", "AXK2MoE", "SolarOpenMoE", "UnlimitedOcrTextMoe", "BeamMoE",
+    "AXK2MoE", "SolarOpenMoE", "UnlimitedOcrTextMoe", "BeamMoE",
     "LagunaSparseMoeBlock", "MiMoV2FlashMoE",
     # expert bias on the block, handed to the router
     "HYV3MoE", "MiniMaxM2SparseMoeBlock", "Lfm2MoeSparseMoeBlock", "AfmoeSparseMoeBlock",

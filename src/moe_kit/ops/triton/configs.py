@@ -5,9 +5,10 @@ Legend: S = N*k rows of the expert-sorted batch, E experts, D model width, I exp
 Two kinds of kernel:
 - row-tiled kernels (GEMM 1, GEMM 2, the SwiGLU backward, dX) walk the tile schedule
   (schedule.py), which is built for one BLOCK_M per forward; autotune picks BLOCK_N, BLOCK_K,
-  num_warps and num_stages only, keyed on the static widths (D, I), never on S;
+  num_warps and num_stages only, keyed on the widths (D, I), BLOCK_M and the bucketed row count
+  ROWS_BUCKET = rows_bucket(S), so a config tuned at one size is not reused far from it;
 - the weight-gradient kernel owns one (expert, output tile) per program and autotunes all three
-  tiles, keyed on its output shape.
+  tiles, keyed on its output shape and ROWS_BUCKET.
 
 Pin one config for every kernel with the environment variable (set it before moe_kit.ops.triton
 is imported: the autotune lists are built when the kernels are defined):
@@ -103,6 +104,18 @@ def block_m(num_rows: int, num_experts: int) -> int:
     if pin is not None:
         return pin["BLOCK_M"]
     return 128 if num_rows >= 128 * num_experts else 64
+
+
+ROW_BUCKETS = (1024, 8192, 65536, 524288)  # S up to each of these shares autotune results; above: one more
+
+
+def rows_bucket(num_rows) -> int:
+    """Autotune key for S rows: the first ROW_BUCKETS entry >= S, else 2**31. Plain comparisons,
+    so a symbolic S (torch.compile, dynamic shapes) guards on the bucket only, not on S."""
+    for bucket in ROW_BUCKETS:
+        if num_rows <= bucket:
+            return bucket
+    return 2**31
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from moe_kit.ops.triton.compat import wrap_triton
-from moe_kit.ops.triton.configs import dot_precision, row_tiled_configs
+from moe_kit.ops.triton.configs import dot_precision, row_tiled_configs, rows_bucket
 from moe_kit.ops.triton.schedule import GROUP_M, rows_of_block, tile_of_program
 
 
@@ -31,11 +31,11 @@ def _reference(x, gate_up, token_of_row, expert_of_row, limit=None):
     return h, F.silu(gate) * up
 
 
-@triton.autotune(configs=row_tiled_configs("gemm1_swiglu"), key=["D", "INTER", "BLOCK_M"])
+@triton.autotune(configs=row_tiled_configs("gemm1_swiglu"), key=["D", "INTER", "BLOCK_M", "ROWS_BUCKET"])
 @triton.jit
 def _gemm1_swiglu_kernel(
     x_ptr, w_ptr, token_ptr, table_ptr, h_ptr, act_ptr,
-    D, INTER, num_blocks, limit,
+    D, INTER, num_blocks, ROWS_BUCKET, limit,
     stride_xn, stride_xd, stride_we, stride_wm, stride_wd, stride_hs, stride_as,
     HAS_LIMIT: tl.constexpr, STORE_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -112,7 +112,7 @@ def gemm1_swiglu(
 
     wrap_triton(_gemm1_swiglu_kernel)[grid](
         x, gate_up, token_of_row, table, h_arg, act,
-        hidden, inter, num_blocks, 0.0 if limit is None else float(limit),
+        hidden, inter, num_blocks, rows_bucket(num_rows), 0.0 if limit is None else float(limit),
         x.stride(0), x.stride(1), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2), h_arg.stride(0),
         act.stride(0),
         HAS_LIMIT=limit is not None, STORE_H=store_h, DOT_PRECISION=dot_precision(x.dtype),

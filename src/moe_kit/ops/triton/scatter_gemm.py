@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from moe_kit.ops.triton.compat import wrap_triton
-from moe_kit.ops.triton.configs import dot_precision, row_tiled_configs
+from moe_kit.ops.triton.configs import dot_precision, row_tiled_configs, rows_bucket
 from moe_kit.ops.triton.schedule import GROUP_M, rows_of_block, tile_of_program
 
 
@@ -32,11 +32,11 @@ def _reference(a, w_km, expert_of_row, slot_of_row, scale=None):
     return out
 
 
-@triton.autotune(configs=row_tiled_configs("scatter_gemm"), key=["K", "M", "BLOCK_M"])
+@triton.autotune(configs=row_tiled_configs("scatter_gemm"), key=["K", "M", "BLOCK_M", "ROWS_BUCKET"])
 @triton.jit
 def _scatter_gemm_kernel(
     a_ptr, w_ptr, slot_ptr, scale_ptr, table_ptr, out_ptr,
-    K, M, num_blocks,
+    K, M, num_blocks, ROWS_BUCKET,
     stride_as, stride_ak, stride_we, stride_wk, stride_wm, stride_os,
     HAS_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -101,7 +101,7 @@ def scatter_gemm(
 
     wrap_triton(_scatter_gemm_kernel)[grid](
         a, w, slot_of_row, a if scale is None else scale, table, out,
-        width_k, width_m, num_blocks,
+        width_k, width_m, num_blocks, rows_bucket(num_rows),
         a.stride(0), a.stride(1), w.stride(0), stride_wk, stride_wm, out.stride(0),
         HAS_SCALE=scale is not None, DOT_PRECISION=dot_precision(a.dtype), BLOCK_M=block_m, GROUP_M=GROUP_M,
     )

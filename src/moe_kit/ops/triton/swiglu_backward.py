@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from moe_kit.ops.triton.compat import wrap_triton
-from moe_kit.ops.triton.configs import dot_precision, min_block_n, row_tiled_configs
+from moe_kit.ops.triton.configs import dot_precision, min_block_n, row_tiled_configs, rows_bucket
 from moe_kit.ops.triton.schedule import GROUP_M, rows_of_block, tile_of_program
 
 
@@ -41,13 +41,13 @@ def _reference(grad_out, down, h, token_of_row, expert_of_row, slot_of_row, weig
 
 
 @triton.autotune(
-    configs=row_tiled_configs("swiglu_backward"), key=["D", "INTER", "BLOCK_M"],
+    configs=row_tiled_configs("swiglu_backward"), key=["D", "INTER", "BLOCK_M", "ROWS_BUCKET"],
     restore_value=["dw_ptr"],  # autotuning runs write other columns of the partials: undo them
 )
 @triton.jit
 def _swiglu_backward_kernel(
     g_ptr, w_ptr, h_ptr, token_ptr, slot_ptr, scale_ptr, table_ptr, dh_ptr, dw_ptr,
-    D, INTER, num_blocks, limit,
+    D, INTER, num_blocks, ROWS_BUCKET, limit,
     stride_gn, stride_gd, stride_we, stride_wd, stride_wi, stride_hs, stride_dhs, stride_dws,
     HAS_LIMIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -135,7 +135,7 @@ def swiglu_backward(
 
     wrap_triton(_swiglu_backward_kernel)[grid](
         grad_out, down, h, token_of_row, slot_of_row, weights_flat, table, d_h, partial,
-        down.shape[1], inter, num_blocks, 0.0 if limit is None else float(limit),
+        down.shape[1], inter, num_blocks, rows_bucket(num_rows), 0.0 if limit is None else float(limit),
         grad_out.stride(0), grad_out.stride(1), down.stride(0), down.stride(1), down.stride(2),
         h.stride(0), d_h.stride(0), partial.stride(0),
         HAS_LIMIT=limit is not None, DOT_PRECISION=dot_precision(grad_out.dtype), BLOCK_M=block_m, GROUP_M=GROUP_M,

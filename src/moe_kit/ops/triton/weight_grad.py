@@ -22,7 +22,7 @@ import triton.language as tl
 
 from moe_kit.activations import swiglu
 from moe_kit.ops.triton.compat import wrap_triton
-from moe_kit.ops.triton.configs import dot_precision, weight_grad_configs
+from moe_kit.ops.triton.configs import dot_precision, rows_bucket, weight_grad_configs
 
 
 def _reference(a, b, offsets, a_index=None, b_index=None, scale=None, b_gated=False, limit=None):
@@ -38,11 +38,11 @@ def _reference(a, b, offsets, a_index=None, b_index=None, scale=None, b_gated=Fa
     return torch.stack([a_rows[lo:hi].t() @ b_rows[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)])
 
 
-@triton.autotune(configs=weight_grad_configs(), key=["M", "P"])
+@triton.autotune(configs=weight_grad_configs(), key=["M", "P", "ROWS_BUCKET"])
 @triton.jit
 def _weight_grad_kernel(
     a_ptr, b_ptr, a_index_ptr, b_index_ptr, scale_index_ptr, scale_ptr, offsets_ptr, out_ptr,
-    M, P, limit,
+    M, P, ROWS_BUCKET, limit,
     stride_ar, stride_am, stride_br, stride_bp, stride_oe, stride_om, stride_op,
     A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, B_GATED: tl.constexpr,
     HAS_LIMIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -123,7 +123,8 @@ def expert_weight_grad(
     wrap_triton(_weight_grad_kernel)[grid](
         a, b, offsets if a_index is None else a_index, offsets if b_index is None else b_index,
         offsets if scale_index is None else scale_index, a if scale is None else scale, offsets, out,
-        width_m, width_p, 0.0 if limit is None else float(limit),
+        width_m, width_p, rows_bucket(a.shape[0] if a_index is None else a_index.shape[0]),
+        0.0 if limit is None else float(limit),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2),
         A_GATHER=a_index is not None, B_GATHER=b_index is not None, HAS_SCALE=scale is not None,
         B_GATED=b_gated, HAS_LIMIT=limit is not None, DOT_PRECISION=dot_precision(a.dtype),
