@@ -134,21 +134,31 @@ HF_IMPLEMENTATIONS = ("grouped_mm", "batched_mm")
 class HFExperts(HFEagerLoop):
     """HFEagerLoop with the per-expert loop replaced by one of transformers' own experts
     implementations from transformers.integrations.moe: `impl` = "grouped_mm" (the transformers
-    5.x default) or "batched_mm" (gathers every slot's expert weights: S * 3*I*D floats).
+    5.x default) or "batched_mm" (gathers every slot's expert weights: S * 3*I*D floats), or by
+    "moe_kit" (moe_kit.ops.moe_ffn, torch backend: an HF model run with experts_implementation="moe_kit").
     Same routing and shared experts as HFEagerLoop, on a MoELayer's weights."""
 
     def __init__(self, layer: MoELayer, impl: str = "grouped_mm"):
         super().__init__(layer)
         from transformers.integrations import moe as hf_moe
 
-        if impl not in HF_IMPLEMENTATIONS:
+        if impl not in (*HF_IMPLEMENTATIONS, "moe_kit"):
             raise ValueError(f"unknown HF experts implementation {impl!r}; choose from {list(HF_IMPLEMENTATIONS)}")
         self.impl = impl
-        self._hf_forward = getattr(hf_moe, f"{impl}_experts_forward")
+        if impl == "moe_kit":  # what experts_implementation="moe_kit" (moe_kit.integrations.hf) runs
+            self._hf_forward = self._moe_kit_forward
+        else:
+            self._hf_forward = getattr(hf_moe, f"{impl}_experts_forward")
         self._view = _HFExpertsView(layer, self._act)
 
     def _experts(self, hidden_states, top_k_index, top_k_weights):
         return self._hf_forward(self._view, hidden_states, top_k_index, top_k_weights)
+
+    def _moe_kit_forward(self, view, hidden_states, top_k_index, top_k_weights):
+        from moe_kit.ops import moe_ffn
+
+        return moe_ffn(hidden_states, top_k_weights, top_k_index, view.gate_up_proj, view.down_proj, "torch",
+                       swiglu_limit=self.swiglu_limit)
 
 
 def batched_mm_bytes(cfg: MoEConfig, tokens: int, element_size: int = 4) -> int:

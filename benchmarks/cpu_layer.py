@@ -7,6 +7,8 @@ implementation), batched_mm and eager loop, and an equal-FLOP dense MLP, from de
 
 Providers share one MoELayer's router and weights (softmax top-k, renormalized, as Qwen3-MoE):
   moe_kit            the MoELayer, torch backend (gate + experts)
+  hf_router+moe_kit_experts  HF's router + moe_kit.ops.moe_ffn: what an HF model runs with
+                     experts_implementation="moe_kit"; against hf_grouped_mm it compares the experts alone
   hf_grouped_mm      HF's router + transformers.integrations.moe.grouped_mm_experts_forward
   hf_batched_mm      ... + batched_mm_experts_forward (skipped where its per-slot weight copies
                      exceed --batched-mm-limit-gib)
@@ -30,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import moe_bench  # noqa: E402
-from baselines import batched_mm_bytes  # noqa: E402
+from baselines import HFExperts, batched_mm_bytes  # noqa: E402
 
 from moe_kit import MoEConfig, MoELayer  # noqa: E402
 
@@ -50,6 +52,7 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--hf", default="grouped_mm,batched_mm,eager", help="HF providers to include")
     parser.add_argument("--batched-mm-limit-gib", type=float, default=1.0)
+    parser.add_argument("--no-experts-row", action="store_true", help="leave out hf_router+moe_kit_experts")
     parser.add_argument("--out", default=None, help="write results.json and results.md here")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -95,6 +98,9 @@ def main(argv=None) -> dict:
     hf = tuple(name.strip() for name in args.hf.split(",") if name.strip())
     everyone = moe_bench.make_providers(layer, ["torch"], hf)
     everyone = {("moe_kit" if name == "moe_kit_torch" else name): module for name, module in everyone.items()}
+    if not args.no_experts_row:  # HF's router + moe_kit's experts: the experts alone, gate overhead aside
+        everyone = {"moe_kit": everyone.pop("moe_kit"), "hf_router+moe_kit_experts": HFExperts(layer, "moe_kit"),
+                    **everyone}
     env = moe_bench.environment(torch.device("cpu"), torch.float32, list(argv or sys.argv[1:]))
     env["command"] = env["command"].replace("moe_bench.py", "cpu_layer.py")
     try:

@@ -1,7 +1,7 @@
 """Peak memory of one forward + backward: MoELayer against a dense SwiGLU MLP of equal active FLOPs.
 
     python benchmarks/memory.py [--tokens 4096] [--hidden 512] [--inter 256] [--experts 64] [--top-k 8]
-        [--variants dense,moe_kit,...] [--json PATH]
+        [--variants dense,moe_kit,...] [--rev GIT_REV] [--fixed-mmap-threshold] [--json PATH]
 
 Each variant runs in a fresh Python process (so no allocator cache carries over): it builds the
 module and its input, runs one small warm-up forward + backward (loads kernels, probes), frees
@@ -16,9 +16,16 @@ Variants (all fp32, CPU, same T, D, I, E, k; aux/z losses off):
   dense             one SwiGLU MLP of width k*I (nn.Linear gate_up, down): the equal-FLOPs baseline
   moe_kit           MoELayer, torch backend (saves h, recomputes the activation and x[token])
   moe_kit_gemm1     the same experts with recompute="gemm1" (saves nothing but x; GEMM 1 again in backward)
-  moe_kit_head      moe_kit as of the git HEAD it runs from (`git show HEAD:.../torch_ops.py`), if it differs
+  moe_kit_rev       the torch backend as of git revision --rev (`git show REV:src/moe_kit/ops/torch_ops.py`,
+                    e.g. the commit before a change), same gate and weights
   hf_grouped_mm     transformers' grouped_mm experts forward on the same weights (plain autograd)
 Prints a table and the ratio moe_kit / dense (target <= 1.3x).
+
+The RSS rise depends on the allocator as much as on the tensors: glibc raises its mmap threshold
+after freeing a large block (up to 32 MiB), so later blocks of <= 32 MiB come from the heap and
+their pages may stay resident after free (fragmentation). --fixed-mmap-threshold runs every child
+with MALLOC_MMAP_THRESHOLD_=1048576 (a fixed threshold: blocks > 1 MiB are mapped and returned
+on free), which measures what the tensors themselves need; report both.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VARIANTS = ("dense", "moe_kit", "moe_kit_gemm1", "moe_kit_head", "hf_grouped_mm")
+VARIANTS = ("dense", "moe_kit", "moe_kit_gemm1", "moe_kit_rev", "hf_grouped_mm")
 TARGET = 1.3
 
 
@@ -52,19 +59,20 @@ def _reset_peak() -> bool:
         return False
 
 
-def _head_torch_ops():
-    """The torch backend module of git HEAD, imported under another name (None if unavailable)."""
+def rev_torch_ops(rev: str = "HEAD"):
+    """The torch backend module of git revision `rev`, imported under another name (None if unavailable)."""
     import importlib.util
+    import tempfile
 
     root = os.path.dirname(HERE)
-    out = subprocess.run(["git", "show", "HEAD:src/moe_kit/ops/torch_ops.py"], cwd=root, capture_output=True,
+    out = subprocess.run(["git", "show", f"{rev}:src/moe_kit/ops/torch_ops.py"], cwd=root, capture_output=True,
                          text=True)
     if out.returncode != 0:
         return None
-    path = os.path.join("/tmp", f"moe_kit_head_torch_ops_{os.getpid()}.py")
+    path = os.path.join(tempfile.gettempdir(), f"moe_kit_rev_torch_ops_{os.getpid()}.py")
     with open(path, "w") as f:
         f.write(out.stdout)
-    spec = importlib.util.spec_from_file_location("moe_kit_head_torch_ops", path)
+    spec = importlib.util.spec_from_file_location("moe_kit_rev_torch_ops", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     os.unlink(path)
@@ -99,15 +107,15 @@ def build(variant: str, args):
             return torch_ops.moe_ffn_torch(x, weights, indices, experts.gate_up_proj, experts.down_proj,
                                            recompute="gemm1")
         return run, list(layer.parameters())
-    if variant == "moe_kit_head":
-        head = _head_torch_ops()
-        if head is None:
+    if variant == "moe_kit_rev":
+        old = rev_torch_ops(args.rev)
+        if old is None:
             return None, []
 
-        def run_head(x):
+        def run_rev(x):
             weights, indices = layer.gate(x)
-            return head.moe_ffn_torch(x, weights, indices, experts.gate_up_proj, experts.down_proj)
-        return run_head, list(layer.parameters())
+            return old.moe_ffn_torch(x, weights, indices, experts.gate_up_proj, experts.down_proj)
+        return run_rev, list(layer.parameters())
     raise ValueError(f"unknown variant {variant!r}; choose from {list(VARIANTS)}")
 
 
@@ -118,7 +126,7 @@ def measure(variant: str, args) -> dict:
     torch.set_num_threads(args.threads)
     module, params = build(variant, args)
     if module is None:
-        return dict(variant=variant, skipped="git HEAD not readable")
+        return dict(variant=variant, skipped=f"git revision {args.rev} not readable")
     param_ptrs = {p.untyped_storage().data_ptr() for p in params}
 
     def step(tokens: int, hooks: bool):
@@ -156,7 +164,8 @@ def run_all(args) -> list[dict]:
     rows = []
     for variant in args.variants:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, *args.passthrough]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576") if args.fixed_mmap_threshold else None
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode != 0:
             raise SystemExit(f"variant {variant} failed:\n{out.stderr}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -167,9 +176,11 @@ def run_all(args) -> list[dict]:
 
 def table(rows: list[dict], args) -> str:
     dense = next((r for r in rows if r["variant"] == "dense"), None)
+    allocator = "glibc with MALLOC_MMAP_THRESHOLD_=1048576" if args.fixed_mmap_threshold else "default glibc malloc"
     lines = [
         f"fwd+bwd peak memory, fp32 CPU, T={args.tokens} D={args.hidden} I={args.inter} E={args.experts} "
-        f"k={args.top_k} (dense: width k*I = {args.top_k * args.inter}); one fresh process per variant",
+        f"k={args.top_k} (dense: width k*I = {args.top_k * args.inter}); one fresh process per variant; "
+        f"{allocator}; moe_kit_rev = torch backend of git {args.rev}",
         "",
         "| variant | peak RSS rise MiB | saved activations MiB | RSS rise / dense |",
         "|---|---:|---:|---:|",
@@ -190,7 +201,10 @@ def parse_args(argv):
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--variants", default="dense,moe_kit,moe_kit_gemm1,moe_kit_head,hf_grouped_mm")
+    parser.add_argument("--variants", default="dense,moe_kit,moe_kit_gemm1,moe_kit_rev,hf_grouped_mm")
+    parser.add_argument("--rev", default="HEAD", help="git revision for the moe_kit_rev variant")
+    parser.add_argument("--fixed-mmap-threshold", action="store_true",
+                        help="run the children with MALLOC_MMAP_THRESHOLD_=1048576 (see the module doc)")
     parser.add_argument("--json", default=None, help="write the rows here")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -200,7 +214,8 @@ def parse_args(argv):
         if v not in VARIANTS:
             parser.error(f"unknown variant {v!r}; choose from {list(VARIANTS)}")
     args.passthrough = ["--tokens", str(args.tokens), "--hidden", str(args.hidden), "--inter", str(args.inter),
-                        "--experts", str(args.experts), "--top-k", str(args.top_k), "--threads", str(args.threads)]
+                        "--experts", str(args.experts), "--top-k", str(args.top_k), "--threads", str(args.threads),
+                        "--rev", args.rev]
     return args
 
 

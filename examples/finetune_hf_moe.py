@@ -9,9 +9,12 @@
 3. Trains a few hundred steps on CPU on synthetic next-token data (a random sparse Markov chain,
    so the best possible loss is known), calling `moe_kit.update_expert_bias(model)` after every
    optimizer step; prints the loss and each layer's routing balance (max / mean expert load).
-4. `convert_back` restores the transformers blocks, `save_pretrained` writes a normal checkpoint
-   (Qwen3-MoE has no router bias, so the learned bias goes to a side file), and the reload is
-   checked against the trained model.
+4. `save_pretrained` on the converted model writes a normal transformers checkpoint (the
+   converted layers save under Qwen3-MoE's own key names; no convert_back needed), and a plain
+   `from_pretrained` reload is checked against the trained model. Qwen3-MoE has no place for the
+   learned expert bias: it is saved under moe_kit's name (`...mlp.gate.expert_bias`, which
+   transformers reports as an unexpected key and ignores), and `convert(reloaded, expert_bias=True)`
+   + `load_state_dict` of those checkpoint entries brings it back.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ import argparse
 import math
 import tempfile
 import time
-import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 import moe_kit
 from moe_kit import MoELayer
@@ -37,7 +40,6 @@ except ImportError as error:  # pragma: no cover
     raise SystemExit("this example needs transformers: pip install 'moe-kit[hf]'") from error
 
 VOCAB, SEQ, BATCH = 256, 32, 16
-BIAS_FILE = "moe_kit_router_bias.pt"
 
 
 class MarkovText:
@@ -138,32 +140,32 @@ def main():
         bias = "off" if stats.bias is None else f"[{stats.bias.min():+.3f}, {stats.bias.max():+.3f}]"
         print(f"  {name}: load {stats.load.tolist()}  max/mean {stats.max_over_mean_load:.2f}  bias {bias}")
 
-    # Save a transformers checkpoint: back to Qwen3MoeSparseMoeBlock, plus the router bias on the side.
-    biases = {name: m.gate.bias.clone() for name, m in model.named_modules()
-              if isinstance(m, MoELayer) and m.gate.bias is not None}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "gate.bias is dropped": saved separately just below
-        hf.convert_back(model)
+    # Save a transformers checkpoint straight from the converted model (transformers key names).
+    has_bias = any(isinstance(m, MoELayer) and m.gate.expert_bias is not None for m in model.modules())
     with tempfile.TemporaryDirectory() if args.out is None else nullcontext(args.out) as out_dir:
-        save_and_reload(model, biases, Path(out_dir), held_out, trained_logits)
+        save_and_reload(model, has_bias, Path(out_dir), held_out, trained_logits)
 
 
-def save_and_reload(model, biases: dict, out_dir: Path, held_out: torch.Tensor, trained_logits: torch.Tensor):
-    """save_pretrained + the bias side file, then reload and compare with the trained model."""
+def save_and_reload(model, has_bias: bool, out_dir: Path, held_out: torch.Tensor, trained_logits: torch.Tensor):
+    """save_pretrained of the converted model, a plain transformers reload, and (with the expert
+    bias) convert + load_state_dict of the checkpoint, each compared with the trained model."""
     model.save_pretrained(out_dir)
-    torch.save(biases, out_dir / BIAS_FILE)
     reloaded = AutoModelForCausalLM.from_pretrained(out_dir).eval()
     with torch.no_grad():
         plain = reloaded(held_out).logits
     print(f"saved to {out_dir}; reloaded transformers model vs trained: rel. error {rel_err(plain, trained_logits):.1e}"
-          f"{' (router bias not applied)' if biases else ''}")
-    if biases:
+          f"{' (expert bias not applied: Qwen3-MoE has none)' if has_bias else ''}")
+    if has_bias:
         hf.convert(reloaded, expert_bias=True)
+        biases = {}  # the checkpoint keeps transformers' on-disk layout; only the bias is read here
+        for shard in sorted(out_dir.glob("*.safetensors")):
+            biases.update({k: v for k, v in load_file(shard).items() if k.endswith(".gate.expert_bias")})
+        missing, unexpected = reloaded.load_state_dict(biases, strict=False)
+        assert not unexpected and len(biases) == 2, (unexpected, list(biases))
         with torch.no_grad():
-            for name, bias in torch.load(out_dir / BIAS_FILE).items():
-                reloaded.get_submodule(name).gate.bias.copy_(bias)
             again = reloaded(held_out).logits
-        print(f"reloaded + convert + {BIAS_FILE}: rel. error {rel_err(again, trained_logits):.1e}")
+        print(f"reloaded + convert(expert_bias=True) + the checkpoint's expert bias: "
+              f"rel. error {rel_err(again, trained_logits):.1e}")
 
 
 if __name__ == "__main__":

@@ -93,11 +93,24 @@ def _zipf(vocab: int) -> torch.Tensor:
     return 1.0 / torch.arange(1, vocab + 1, dtype=torch.float)
 
 
-def mode_config(mode: str, args) -> MoEConfig:
-    base = MoEConfig(
-        hidden_size=args.dim, intermediate_size=args.inter, num_experts=args.experts, top_k=args.top_k,
-        score_func="softmax",
+def base_config(args) -> MoEConfig:
+    """A plain softmax router, or (--preset) a released model's routing scaled down to this model:
+    its scores, normalization, route scale and shared experts; groups shrunk to at most 4 (keeping
+    half); its own balancing switched off, so each mode adds exactly one."""
+    sizes = dict(hidden_size=args.dim, intermediate_size=args.inter, num_experts=args.experts, top_k=args.top_k)
+    if args.preset is None:
+        return MoEConfig(**sizes, score_func="softmax")
+    full = MoEConfig.preset(args.preset)
+    groups = min(full.n_groups, 4)
+    return MoEConfig.preset(
+        args.preset, **sizes, n_groups=groups, topk_groups=max(1, groups // 2), n_hash_layers=0,
+        hash_routing=False, expert_bias=False, aux_loss_coef=0.0, aux_loss_type="global", z_loss_coef=0.0,
+        capacity_factor=None, pad_to_capacity=False, jitter_eps=0.0, swiglu_limit=None, activation="silu",
     )
+
+
+def mode_config(mode: str, args) -> MoEConfig:
+    base = base_config(args)
     if mode == "aux_loss":
         return base.replace(aux_loss_coef=args.aux_coef)
     if mode == "noaux_tc":
@@ -174,6 +187,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--aux-coef", type=float, default=1e-2)
     parser.add_argument("--bias-rate", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", default=None,
+                        help="route as this MoEConfig preset does, scaled down (e.g. deepseek-v3)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (this small a model is fastest on 1)")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
@@ -203,8 +218,9 @@ def main(argv=None) -> dict:
         print("matplotlib is not installed: skipping the PNGs (pip install moe-kit[plot])")
     else:
         plot_routing({m: r["history"] for m, r in results.items()}, os.path.join(args.out, "collapse.png"), dpi=90,
-                     title=f"{args.layers} MoE layers, {args.experts} experts, top-{args.top_k}, softmax router: "
-                           f"no balancing vs aux loss vs aux-loss-free bias vs Sinkhorn vs expert choice")
+                     title=f"{args.layers} MoE layers, {args.experts} experts, top-{args.top_k}, "
+                           f"{args.preset or 'softmax'} router: no balancing vs aux loss vs aux-loss-free bias "
+                           f"vs Sinkhorn vs expert choice")
         for mode, r in results.items():
             monitor = RoutingMonitor()
             monitor.history = r["history"]

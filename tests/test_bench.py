@@ -155,3 +155,32 @@ def test_scaled_presets_keep_routing_and_shrink_sizes():
     full = MoEConfig.preset("deepseek-v3")
     assert v3.shared_intermediate_size == 256 and v3.n_groups == full.n_groups and v3.route_scale == full.route_scale
     assert {"mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3", "deepseek-v4", "tiny"} <= set(moe_bench.PRESET_NAMES)
+
+
+def test_cpu_layer_writes_json_and_markdown(tmp_path, capsys):
+    import cpu_layer
+
+    data = cpu_layer.main(["--hidden", "32", "--inter", "16", "--experts", "8", "--top-k", "2", "--fwd-tokens", "1,3",
+                           "--fwdbwd-tokens", "16", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(data["rows"]))
+    cells = {(r["provider"], r["pass"], r["tokens"]) for r in saved["rows"]}
+    providers = {"moe_kit", "hf_router+moe_kit_experts", "hf_grouped_mm", "hf_batched_mm", "hf_eager", "dense"}
+    assert cells == {(p, s, t) for p in providers for s, t in (("fwd", 1), ("fwd", 3), ("fwdbwd", 16))}
+    assert all(r["max_rel_err"] <= 1e-4 for r in saved["rows"] if r["provider"] != "dense")
+    table = (tmp_path / "results.md").read_text()
+    assert "| fwd | 1 | hf_grouped_mm |" in table and "target" not in table
+    assert "fwd T=1: moe_kit" in capsys.readouterr().err  # progress on stderr
+
+
+def test_memory_benchmark_reports_the_ratio(tmp_path):
+    import memory
+
+    out = memory.main(["--tokens", "256", "--hidden", "32", "--inter", "16", "--experts", "4", "--top-k", "2",
+                       "--variants", "dense,moe_kit", "--json", str(tmp_path / "memory.json"), "--quiet"])
+    rows = {r["variant"]: r for r in out["rows"]}
+    assert set(rows) == {"dense", "moe_kit"}
+    assert rows["moe_kit"]["saved_mib"] > 0 and out["ratio"] is not None
+    # moe_kit keeps h [N*k, 2I] (plus small plan tensors); the dense MLP keeps h, act and silu(gate) of width k*I
+    assert rows["moe_kit"]["saved_mib"] < rows["dense"]["saved_mib"]
+    assert json.loads((tmp_path / "memory.json").read_text())["ratio"] == out["ratio"]

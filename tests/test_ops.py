@@ -717,6 +717,19 @@ def test_moe_ffn_error_messages_name_the_problem():
         _call(args)
 
 
+def test_auto_is_torch_until_the_gpu_suite_passed(monkeypatch):
+    """backend="auto" resolves to "torch" on CUDA too while TRITON_GPU_SUITE_PASSED is False
+    (the Triton kernels have not yet passed benchmarks/gpu_suite.py on a real GPU)."""
+    from moe_kit import ops
+
+    assert ops.TRITON_GPU_SUITE_PASSED is False
+    assert ops.resolve_backend("auto", torch.device("cuda")) == "torch"
+    assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"
+    monkeypatch.setattr(ops, "TRITON_GPU_SUITE_PASSED", True)
+    assert ops.resolve_backend("auto", torch.device("cuda")) == ("triton" if ops.triton_importable() else "torch")
+    assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
 def test_moe_ffn_backend_names():
     args = _good()
     with pytest.raises(ValueError, match="cuda-magic"):

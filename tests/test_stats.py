@@ -175,6 +175,31 @@ def test_json_round_trip(tmp_path):
     assert loaded.model is None and loaded.layers() == ["0", "1"]
 
 
+def test_from_json_resumes_recording_after_a_restart(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(one_hot_router_layer(), one_hot_router_layer())
+    monitor = RoutingMonitor(model)
+    for step in range(5):
+        model(torch.randn(10, 4))
+        monitor.record(step)
+    path = tmp_path / "routing.json"
+    monitor.to_json(path, run="demo")
+    # the run restarts from a checkpoint of step 2 with a freshly built model
+    fresh = nn.Sequential(one_hot_router_layer(), one_hot_router_layer())
+    resumed = RoutingMonitor.from_json(path, model=fresh, until_step=2)
+    assert resumed.last_step == 2 and resumed.history == monitor.history[:6]
+    assert all(layer.gate.track_entropy for layer in fresh)  # records entropy again, like a new monitor
+    for step in range(3, 5):
+        fresh(torch.randn(10, 4))
+        resumed.record(step)
+    assert [r["step"] for r in resumed.history] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    resumed.to_json(path)
+    again = json.loads(path.read_text())
+    assert again["run"] == "demo" and len(again["history"]) == 10
+    with pytest.raises(ValueError, match="no layers named"):
+        RoutingMonitor.from_json(path, model=nn.Sequential(one_hot_router_layer()))
+
+
 # ----------------------------------------------------------------------------- plots
 
 
@@ -216,7 +241,7 @@ def test_routing_collapse_example_smoke(tmp_path):
     out = tmp_path / "collapse"
     routing_collapse.main(["--steps", "4", "--out", str(out), "--layers", "2", "--batch", "4", "--seq", "16"])
     data = json.loads((out / "collapse.json").read_text())
-    assert set(data["modes"]) == {"none", "aux_loss", "noaux_tc"}
+    assert {"none", "aux_loss", "noaux_tc"} <= set(data["modes"])  # the example may compare more schemes
     for mode, result in data["modes"].items():
         assert result["max_over_mean_load"] >= 1.0
         assert math.isfinite(result["loss"]) and math.isfinite(result["eval_loss"])

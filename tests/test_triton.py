@@ -581,8 +581,8 @@ def test_triton_op_path_traces_without_gpu(tk):
     assert "KERNELS 2 4" in proc.stdout, proc.stdout + proc.stderr[-3000:]
 
 
-_SM90_COMPILE_SCRIPT = """
-import json, sys
+_SM90_COMPILE_SCRIPT = r"""
+import contextlib, io, json, re, sys
 import torch, triton
 try:
     from triton.backends.compiler import GPUTarget
@@ -595,59 +595,96 @@ import moe_kit.ops.triton.swiglu_backward as sb
 import moe_kit.ops.triton.weight_grad as wg
 
 T = "bf16"
-ROW_TYPES = dict(num_blocks="i32")  # row-tiled kernels only
-SHARED_CONSTS = dict(BLOCK_M=128, GROUP_M=8, DOT_PRECISION="tf32")  # those a kernel has (weight_grad: its own BLOCK_M)
-VARIANTS = [  # (kernel, runtime arg types, constexprs as a launch specializes them: unit strides, flags)
-    (g1._gemm1_swiglu_kernel, dict(x_ptr="*" + T, w_ptr="*" + T, token_ptr="*i64", table_ptr="*i32", h_ptr="*" + T,
-     act_ptr="*" + T, D="i32", INTER="i32", limit="fp32", stride_xn="i32", stride_we="i32", stride_wm="i32",
-     stride_hs="i32", stride_as="i32"), dict(stride_xd=1, stride_wd=1, HAS_LIMIT=True, STORE_H=True)),
-    (sg._scatter_gemm_kernel, dict(a_ptr="*" + T, w_ptr="*" + T, slot_ptr="*i64", scale_ptr="*fp32",
-     table_ptr="*i32", out_ptr="*" + T, K="i32", M="i32", stride_as="i32", stride_we="i32", stride_wm="i32",
-     stride_os="i32"), dict(stride_ak=1, stride_wk=1, HAS_SCALE=True)),
-    (sb._swiglu_backward_kernel, dict(g_ptr="*" + T, w_ptr="*" + T, h_ptr="*" + T, token_ptr="*i64",
-     slot_ptr="*i64", scale_ptr="*fp32", table_ptr="*i32", dh_ptr="*" + T, dw_ptr="*fp32", D="i32", INTER="i32",
-     limit="fp32", stride_gn="i32", stride_we="i32", stride_wd="i32", stride_hs="i32", stride_dhs="i32",
-     stride_dws="i32"), dict(stride_gd=1, stride_wi=1, HAS_LIMIT=True)),
-    (wg._weight_grad_kernel, dict(a_ptr="*" + T, b_ptr="*" + T, a_index_ptr="*i64", b_index_ptr="*i64",
-     scale_index_ptr="*i64", scale_ptr="*fp32", offsets_ptr="*i64", out_ptr="*" + T, M="i32", P="i32",
-     stride_ar="i32", stride_br="i32", stride_oe="i32", stride_om="i32"),
-     dict(stride_am=1, stride_bp=1, stride_op=1, A_GATHER=True, B_GATHER=False, HAS_SCALE=True)),
+ROW_TYPES = dict(num_blocks="i32", ROWS_BUCKET="i32")
+SHARED_CONSTS = dict(BLOCK_M=128, GROUP_M=8, DOT_PRECISION="tf32")
+WG_TYPES = dict(a_ptr="*" + T, b_ptr="*" + T, a_index_ptr="*i64", b_index_ptr="*i64", scale_index_ptr="*i64",
+                scale_ptr="*fp32", offsets_ptr="*i64", out_ptr="*" + T, M="i32", P="i32", limit="fp32",
+                stride_ar="i32", stride_br="i32", stride_oe="i32", stride_om="i32")
+VARIANTS = [  # (label, kernel, runtime arg types, constexprs as a launch specializes them)
+    ("gemm1_swiglu", g1._gemm1_swiglu_kernel, dict(x_ptr="*" + T, w_ptr="*" + T, token_ptr="*i64",
+     table_ptr="*i32", h_ptr="*" + T, act_ptr="*" + T, D="i32", INTER="i32", limit="fp32", stride_xn="i32",
+     stride_we="i32", stride_wm="i32", stride_hs="i32", stride_as="i32"),
+     dict(stride_xd=1, stride_wd=1, HAS_LIMIT=True, STORE_H=True)),
+    ("scatter_gemm", sg._scatter_gemm_kernel, dict(a_ptr="*" + T, w_ptr="*" + T, slot_ptr="*i64",
+     scale_ptr="*fp32", table_ptr="*i32", out_ptr="*" + T, K="i32", M="i32", stride_as="i32", stride_we="i32",
+     stride_wm="i32", stride_os="i32"), dict(stride_ak=1, stride_wk=1, HAS_SCALE=True)),
+    ("swiglu_backward", sb._swiglu_backward_kernel, dict(g_ptr="*" + T, w_ptr="*" + T, h_ptr="*" + T,
+     token_ptr="*i64", slot_ptr="*i64", scale_ptr="*fp32", table_ptr="*i32", dh_ptr="*" + T, dw_ptr="*fp32",
+     D="i32", INTER="i32", limit="fp32", stride_gn="i32", stride_we="i32", stride_wd="i32", stride_hs="i32",
+     stride_dhs="i32", stride_dws="i32"), dict(stride_gd=1, stride_wi=1, HAS_LIMIT=True)),
+    ("weight_grad_down", wg._weight_grad_kernel, WG_TYPES,  # d_down: a = grad_out by token, b = swiglu(h)
+     dict(stride_am=1, stride_bp=1, stride_op=1, A_GATHER=True, B_GATHER=False, HAS_SCALE=True, B_GATED=True,
+          HAS_LIMIT=True)),
+    ("weight_grad_gate_up", wg._weight_grad_kernel, WG_TYPES,  # d_gate_up: a = dH, b = x by token
+     dict(stride_am=1, stride_bp=1, stride_op=1, A_GATHER=False, B_GATHER=True, HAS_SCALE=False, B_GATED=False,
+          HAS_LIMIT=False)),
 ]
+SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+REGS = re.compile(r"Used (\d+) registers")
+triton.knobs.nvidia.dump_ptxas_log = True
+only = []
 results = []
-for kernel, types, consts in VARIANTS:
+for label, kernel, types, consts in VARIANTS:
+    if only and label not in only:
+        continue
     fn = kernel.fn
     for cfg in kernel.configs:
         constexprs = {k: v for k, v in SHARED_CONSTS.items() if k in fn.arg_names}
         constexprs.update(consts)
         constexprs.update(cfg.kwargs)
-        types = {**ROW_TYPES, **types}
-        signature = {n: "constexpr" if n in constexprs else types[n] for n in fn.arg_names}
-        compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-        results.append((fn.__name__, str(cfg), compiled.metadata.shared, "cubin" in compiled.asm))
+        all_types = {**ROW_TYPES, **types}
+        signature = {n: "constexpr" if n in constexprs else all_types[n] for n in fn.arg_names}
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs),
+                                      target=GPUTarget("cuda", 90, 32),
+                                      options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        spills = [int(a) + int(b) for a, b in SPILL.findall(log.getvalue())]
+        regs = [int(r) for r in REGS.findall(log.getvalue())]
+        ptx = compiled.asm["ptx"]
+        results.append(dict(kernel=label, config=str(cfg), shared=compiled.metadata.shared,
+                            cubin="cubin" in compiled.asm, wgmma="wgmma.mma_async" in ptx,
+                            spill_bytes=max(spills) if spills else None, registers=max(regs) if regs else None))
 print("RESULTS", json.dumps(results))
 """
 
 
-def test_kernels_compile_for_sm90(tk):
-    """Every kernel x autotune config, bf16, through Triton's compiler and bundled ptxas for
-    sm_90 (H100) in a fresh process: a cubin comes out and the shared memory fits (<= 227 KiB).
-    No GPU needed; nothing is launched."""
+def test_kernels_compile_for_sm90(tk, tmp_path):
+    """Every kernel (both weight-gradient uses) x every autotune config, bf16, BLOCK_M = 128 (the
+    larger schedule block, the most registers), through Triton's compiler and bundled ptxas for
+    sm_90 (H100) in a fresh process with an empty Triton cache (so ptxas runs and its -v log is
+    read): a cubin comes out, every tl.dot lowers to wgmma, ptxas reports zero spill bytes, and the
+    shared memory fits (<= 227 KiB). No GPU needed; nothing is launched."""
     import json
+
+    from moe_kit.ops.triton import configs
 
     if importlib.util.find_spec("triton.backends.nvidia") is None:
         pytest.skip("triton has no NVIDIA backend here")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MOE_KIT_TRITON_CONFIG")}
-    env["PYTHONWARNINGS"] = "ignore"
+    env.update(PYTHONWARNINGS="ignore", TRITON_CACHE_DIR=str(tmp_path / "triton-cache"))
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_SM90_COMPILE_SCRIPT)], env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=900)
     if "SKIP:" in proc.stdout:
         pytest.skip(proc.stdout.strip())
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.split("RESULTS", 1)[1])
-    assert len(results) == 20
-    for name, cfg, shared, has_cubin in results:
-        assert has_cubin and shared <= 227 * 1024, (name, cfg, shared)
+    expected = sum(len(v) for v in configs._ROW_TILED.values()) + 2 * len(configs._WEIGHT_GRAD)
+    assert len(results) == expected
+    for r in results:
+        what = (r["kernel"], r["config"])
+        assert r["cubin"] and r["shared"] <= 227 * 1024, what
+        assert r["wgmma"], ("no wgmma in the PTX", *what)
+        assert r["spill_bytes"] == 0, ("register spills", r["spill_bytes"], *what)
+
+
+def test_autotune_key_buckets_the_row_count(tk):
+    from moe_kit.ops.triton import configs, gemm1_swiglu, scatter_gemm, swiglu_backward, weight_grad
+
+    assert [configs.rows_bucket(s) for s in (1, 1024, 1025, 60_000, 10**6)] == [1024, 1024, 8192, 65536, 2**31]
+    for kernel in (gemm1_swiglu._gemm1_swiglu_kernel, scatter_gemm._scatter_gemm_kernel,
+                   swiglu_backward._swiglu_backward_kernel, weight_grad._weight_grad_kernel):
+        assert "ROWS_BUCKET" in kernel.keys, kernel.fn.__name__
 
 
 # ----------------------------------------------------------------------------- configs

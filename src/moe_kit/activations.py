@@ -59,9 +59,18 @@ def gated_act(h: torch.Tensor, activation: str = "silu", limit: float | None = N
     return act_fn(gate, activation).mul_(up)
 
 
+def gated_act_parts(h: torch.Tensor, activation: str = "silu", limit: float | None = None):
+    """(act(gate) * up, act(gate)), two new [R, I] tensors: a backward that needs both the output
+    and act(gate) (for d up) computes the activation once."""
+    gate, up = _clamped(*h.chunk(2, dim=-1), limit)
+    activated = act_fn(gate, activation)
+    return activated * up, activated
+
+
 def gated_act_backward(grad_act: torch.Tensor, h: torch.Tensor, activation: str = "silu",
-                       limit: float | None = None) -> torch.Tensor:
-    """d(act(gate) * up)/d[gate, up] with the optional clamp; grad_act [R, I], h [R, 2I] -> [R, 2I]."""
+                       limit: float | None = None, activated: torch.Tensor | None = None) -> torch.Tensor:
+    """d(act(gate) * up)/d[gate, up] with the optional clamp; grad_act [R, I], h [R, 2I] -> [R, 2I].
+    `activated`: act(clamped gate) [R, I] if the caller has it (saves recomputing it)."""
     raw_gate, raw_up = h.chunk(2, dim=-1)
     gate, up = _clamped(raw_gate, raw_up, limit)
     grad_h = torch.empty_like(h)
@@ -69,15 +78,19 @@ def gated_act_backward(grad_act: torch.Tensor, h: torch.Tensor, activation: str 
     torch.mul(grad_act, up, out=grad_gate)
     if activation == "silu":
         torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
-        torch.ops.aten.silu.out(gate, out=grad_up)
+    elif activation == "relu":
+        grad_gate.masked_fill_(gate <= 0, 0)
     else:
-        if activation == "relu":
-            grad_gate.masked_fill_(gate <= 0, 0)
+        approximate = "tanh" if activation == "gelu_tanh" else "none"
+        grad_gate.copy_(torch.ops.aten.gelu_backward(grad_gate, gate, approximate=approximate))
+    if activated is not None:
+        torch.mul(activated, grad_act, out=grad_up)
+    else:
+        if activation == "silu":
+            torch.ops.aten.silu.out(gate, out=grad_up)
         else:
-            approximate = "tanh" if activation == "gelu_tanh" else "none"
-            grad_gate.copy_(torch.ops.aten.gelu_backward(grad_gate, gate, approximate=approximate))
-        grad_up.copy_(act_fn(gate, activation))
-    grad_up.mul_(grad_act)
+            grad_up.copy_(act_fn(gate, activation))
+        grad_up.mul_(grad_act)
     if limit is not None:
         grad_gate.masked_fill_(raw_gate > limit, 0)
         grad_up.masked_fill_(raw_up.abs() > limit, 0)

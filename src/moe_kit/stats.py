@@ -139,17 +139,41 @@ class RoutingMonitor:
         return list(dict.fromkeys(row["layer"] for row in self.history))
 
     def to_json(self, path, **extra) -> None:
-        """Write {"history": [...rows], **extra} to `path`."""
+        """Write {"history": [...rows], **extra} to `path` (extra: what from_json read, then these)."""
         with open(path, "w") as f:
-            json.dump({**extra, "history": self.history}, f)
+            json.dump({**getattr(self, "extra", {}), **extra, "history": self.history}, f)
+
+    @property
+    def last_step(self) -> int | None:
+        """The largest recorded step (None before the first record)."""
+        return max((row["step"] for row in self.history), default=None)
 
     @classmethod
-    def from_json(cls, path) -> RoutingMonitor:
-        """A model-less monitor holding the history saved by `to_json`."""
+    def from_json(cls, path, model: nn.Module | None = None, entropy: bool = True,
+                  until_step: int | None = None) -> RoutingMonitor:
+        """The monitor saved by `to_json`; with `model`, it goes on recording (resume after a restart).
+
+            monitor = RoutingMonitor.from_json("routing.json", model=model, until_step=ckpt_step)
+            for step in range(ckpt_step + 1, steps): ...; monitor.record(step)
+
+        until_step: drop saved rows of later steps (recorded after the checkpoint the run restarts
+        from, so they would be recorded twice). With `model`, every layer named in the history must
+        be a submodule of it (ValueError naming those that are not: a different model). The other
+        keys saved with the history are kept in `monitor.extra` and written again by `to_json`.
+        """
         with open(path) as f:
             data = json.load(f)
-        monitor = cls(None)
-        monitor.history = data["history"]
+        history = data["history"]
+        if until_step is not None:
+            history = [row for row in history if row["step"] <= until_step]
+        if model is not None:
+            names = {name for name, _ in model.named_modules()}
+            missing = [layer for layer in dict.fromkeys(row["layer"] for row in history) if layer not in names]
+            if missing:
+                raise ValueError(f"{path}: the model has no layers named {missing}; resume with the model it recorded")
+        monitor = cls(model, entropy=entropy)
+        monitor.history = history
+        monitor.extra = {key: value for key, value in data.items() if key != "history"}
         return monitor
 
     def plot(self, path, title: str | None = None, layers: list[str] | None = None) -> None:

@@ -35,7 +35,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from moe_kit.activations import gated_act, gated_act_backward, swiglu
+from moe_kit.activations import gated_act, gated_act_backward, gated_act_parts, swiglu
 from moe_kit.ops.routing import RoutingPlan, routing_plan
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -134,9 +134,16 @@ def sorted_ffn_forward(x, weights, gate_up, down, plan, activation, limit, deter
     token = plan.token_of_row[:num_rows]
     w_rows = weights.reshape(-1).index_select(0, plan.slot_of_row[:num_rows]).to(x.dtype)  # [R]
     h = gemm.forward(x.index_select(0, token), gate_up)  # [R, 2I]; the gathered rows die here
-    y = gemm.forward(gated_act(h, activation, limit), down)  # [R, D], act dies here
-    out = _sum_rows_per_token(y.mul_(w_rows.unsqueeze(1)), plan, x.shape[0], num_rows, deterministic)
+    y = _scaled_gemm2(gemm.forward, gated_act(h, activation, limit), down, w_rows.unsqueeze(1))  # [R, D]
+    out = _sum_rows_per_token(y, plan, x.shape[0], num_rows, deterministic)
     return out, (h if save == "h" else None)
+
+
+def _scaled_gemm2(forward, act, down, w_rows):
+    """w * (act @ down^T) per row, the weight applied on the narrower side (act [R, I] or y [R, D])."""
+    if act.shape[1] <= down.shape[1]:
+        return forward(act.mul_(w_rows), down)
+    return forward(act, down).mul_(w_rows)
 
 
 def sorted_ffn_backward(grad_out, x, weights, gate_up, down, h, plan, activation, limit, deterministic, needs):
@@ -153,21 +160,24 @@ def sorted_ffn_backward(grad_out, x, weights, gate_up, down, h, plan, activation
         h = gemm.forward(x.index_select(0, token), gate_up)
     grad_y = grad_out.to(x.dtype).contiguous().index_select(0, token)  # [R, D]
     grad_act = gemm.backward_input(grad_y, down)  # [R, I], d(out)/d(act) before the weight
-    grad_weights = grad_down = grad_gate_up = grad_x = None
+    grad_weights = grad_down = grad_gate_up = grad_x = activated = None
     if need_weights or need_down:
-        act = gated_act(h, activation, limit)  # [R, I], recomputed
+        act, activated = gated_act_parts(h, activation, limit)  # [R, I] each, recomputed from h
         if need_weights:
             grad_w_rows = torch.linalg.vecdot(grad_act, act).to(weights.dtype)  # [R]
             grad_weights = grad_w_rows.new_zeros(plan.slot_of_row.numel())
             grad_weights[plan.slot_of_row[:num_rows]] = grad_w_rows
             grad_weights = grad_weights.view(weights.shape)
-        if need_down:
-            grad_down = gemm.weight_grad(grad_y.mul_(w_rows), act)
+        if need_down:  # (w * grad_y)^T act = grad_y^T (w * act): scale the narrower one
+            if act.shape[1] <= grad_y.shape[1]:
+                grad_down = gemm.weight_grad(grad_y, act.mul_(w_rows))
+            else:
+                grad_down = gemm.weight_grad(grad_y.mul_(w_rows), act)
         del act
     del grad_y
     if need_x or need_gate_up:
-        grad_h = gated_act_backward(grad_act.mul_(w_rows), h, activation, limit)  # [R, 2I]
-        del grad_act, h
+        grad_h = gated_act_backward(grad_act.mul_(w_rows), h, activation, limit, activated)  # [R, 2I]
+        del grad_act, h, activated
         columns = _column_chunks(num_rows, x.shape[1], x.element_size())
         if need_x:  # dX rows [R, D] made and summed per token one column chunk at a time
             grad_x = torch.cat([
@@ -332,8 +342,9 @@ def lean_forward(x, weights, indices, gate_up, down, activation="silu", limit=No
     ends = torch.bincount(flat, minlength=gate_up.shape[0]).cumsum(0, dtype=torch.int32)
     token = slot.div(top_k, rounding_mode="floor")
     h = _grouped_mm(x.index_select(0, token), gate_up.transpose(1, 2), offs=ends)  # [S, 2I]
-    y = _grouped_mm(gated_act(h, activation, limit), down.transpose(1, 2), offs=ends)  # [S, D]
-    y.mul_(weights.reshape(-1).index_select(0, slot).to(x.dtype).unsqueeze(1))
+    w_rows = weights.reshape(-1).index_select(0, slot).to(x.dtype).unsqueeze(1)
+    y = _scaled_gemm2(lambda a, w: _grouped_mm(a, w.transpose(1, 2), offs=ends), gated_act(h, activation, limit),
+                      down, w_rows)  # [S, D]
     return torch.zeros_like(x).index_add_(0, token, y)
 
 

@@ -34,8 +34,8 @@ from moe_kit.ops import moe_ffn
 # MoEConfig fields convert(**overrides) may set: they change training, not the converted function
 # (capacity_factor excepted: dropping tokens changes outputs by design).
 OVERRIDABLE = (
-    "expert_bias", "bias_update_rate", "bias_max", "aux_loss_coef", "aux_loss_type", "z_loss_coef",
-    "capacity_factor", "router_dtype", "backend",
+    "expert_bias", "bias_update_rate", "bias_max", "aux_loss_coef", "aux_loss_type", "z_loss_coef", "loss_mode",
+    "jitter_eps", "capacity_factor", "drop_policy", "pad_to_capacity", "router_dtype", "backend",
 )
 
 
@@ -144,10 +144,7 @@ def _to_moe_layer(block: nn.Module, spec: BlockSpec, layer_idx: int | None, over
         layer = MoELayer(cfg, layer_id=layer_idx or 0)
     keys = state_keys(spec, block)  # {block key: MoELayer key}
     block_state = block.state_dict(keep_vars=True)
-    kept = {}
-    if "gate.expert_bias" in keys.values() and not cfg.expert_bias:  # a block bias its router ignores (LFM2)
-        kept = {hf: block_state[hf] for hf, moe in keys.items() if moe == "gate.expert_bias"}
-        keys = {hf: (None if hf in kept else moe) for hf, moe in keys.items()}
+    kept = {hf: block_state[hf] for hf, moe in keys.items() if moe is None}  # e.g. LFM2's unused bias
     _move_state(block, layer, keys, zeros=("gate.expert_bias",))  # a bias the family lacks starts at 0
     integer = {hf: t.dtype for hf, t in block_state.items() if not (t.is_floating_point() or t.is_complex())}
     HFKeyNames({moe: hf for hf, moe in keys.items() if moe is not None}, integer, kept, list(block_state)).attach(layer)

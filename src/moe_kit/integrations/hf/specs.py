@@ -46,7 +46,7 @@ class BlockSpec:
     block_bias: str | None = None  # expert-bias buffer kept on the block and passed to the router
     block_scale: str | None = None  # attribute of a factor the block multiplies the routed output by
     routing: Callable[[nn.Module], dict] | None = None  # explicit routing (hash layers); None: probed
-    extra: tuple[str, ...] = field(default=())  # notes (for the coverage table)
+    unused: tuple[str, ...] = field(default=())  # block tensors its forward ignores (kept, not used)
 
 
 # ----------------------------------------------------------------------------- structure
@@ -73,8 +73,9 @@ def block_layout(block: nn.Module) -> BlockSpec:
     biases = [n for n in direct if n in BLOCK_BIASES]
     if sorted(direct) != sorted(biases) or len(biases) > 1:
         raise ValueError(f"{name} holds tensors {sorted(direct)} of its own that MoELayer has no place for")
+    unused = ()
     if biases and getattr(block, "use_expert_bias", True) is False:
-        biases = []  # LFM2-MoE without expert bias: the buffer exists but is never used
+        biases, unused = [], tuple(biases)  # LFM2-MoE without expert bias: the buffer exists, unused
     scales = [n for n, v in vars(block).items() if any(w in n for w in SCALE_WORDS) and isinstance(v, (int, float))]
     params = inspect.signature(type(block).forward).parameters
     if len([p for p in params.values() if p.default is inspect.Parameter.empty]) > 2:
@@ -86,6 +87,7 @@ def block_layout(block: nn.Module) -> BlockSpec:
         shared_gate=gates[0] if gates else None,
         block_bias=biases[0] if biases else None,
         block_scale=scales[0] if len(scales) == 1 else None,
+        unused=unused,
     )
 
 
@@ -93,8 +95,8 @@ def _has_state(module: nn.Module) -> bool:
     return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
-def state_keys(spec: BlockSpec, block: nn.Module) -> dict[str, str]:
-    """{transformers block state key: MoELayer state key} for one block."""
+def state_keys(spec: BlockSpec, block: nn.Module) -> dict[str, str | None]:
+    """{transformers block state key: MoELayer state key (None: kept aside, unused)} for one block."""
     keys = {"experts.gate_up_proj": "experts.gate_up_proj", "experts.down_proj": "experts.down_proj"}
     router = getattr(block, spec.router)
     num_experts, hidden = block.experts.gate_up_proj.shape[0], block.experts.gate_up_proj.shape[2]
@@ -113,6 +115,8 @@ def state_keys(spec: BlockSpec, block: nn.Module) -> dict[str, str]:
         keys[f"{spec.router}.{key}"] = target
     if spec.block_bias:
         keys[spec.block_bias] = "gate.expert_bias"
+    for name in spec.unused:
+        keys[name] = None
     if spec.shared:
         for part in ("gate_proj", "up_proj", "down_proj"):
             keys[f"{spec.shared}.{part}.weight"] = f"shared_experts.{part}.weight"

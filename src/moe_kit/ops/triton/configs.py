@@ -29,17 +29,21 @@ _INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_
 _MIN_DOT_TILE = 16  # tl.dot needs every tile dim >= 16
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) per row-tiled kernel, for Hopper/Ampere-class GPUs.
-# Checked offline for sm_90 with Triton's bundled ptxas (BLOCK_M = 128, bf16): the lists avoid
-# configs whose epilogue spills registers (two accumulators in GEMM 1, many live tiles in the
-# SwiGLU backward).
+# Every entry compiles for sm_90 in bf16 at BLOCK_M = 128 (the larger schedule block) with
+# wgmma and zero register spills (Triton's bundled ptxas; tests/test_triton.py
+# test_kernels_compile_for_sm90 checks it ahead of time, no GPU needed). Gathered rows keep a
+# [BM, BK] pointer tile live, so GEMM 1 (two accumulators) and the SwiGLU backward (many live
+# epilogue tiles) need BLOCK_N = 32 or 8 warps; wider configs spilled 0.3-7 KB and were dropped.
 _ROW_TILED = {
-    "gemm1_swiglu": ((64, 64, 4, 4), (64, 64, 8, 4), (128, 64, 8, 3), (128, 32, 8, 4), (64, 32, 4, 5)),
-    "scatter_gemm": ((64, 64, 4, 4), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 4), (64, 32, 4, 5)),
-    "swiglu_backward": ((64, 64, 8, 3), (64, 64, 8, 4), (32, 64, 8, 4), (32, 64, 4, 4), (64, 128, 8, 3)),
+    "gemm1_swiglu": ((32, 64, 8, 4), (32, 64, 8, 3), (32, 32, 8, 3), (32, 32, 4, 4)),
+    "scatter_gemm": ((128, 32, 8, 4), (64, 32, 8, 3), (64, 32, 8, 4), (64, 64, 8, 3), (32, 32, 4, 4)),
+    "swiglu_backward": ((32, 64, 8, 4), (32, 32, 8, 3), (32, 64, 8, 3), (32, 32, 8, 4)),
 }
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the per-expert weight-gradient reduction.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the per-expert weight-gradient reduction,
+# zero spills for both of its uses (d_down with the in-kernel SwiGLU, d_gate_up with gathered x).
 _WEIGHT_GRAD = (
-    (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 8, 4),
+    (128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 128, 32, 8, 4), (64, 64, 32, 4, 4), (128, 64, 32, 8, 3),
+    (64, 128, 32, 8, 3),
 )
 
 
