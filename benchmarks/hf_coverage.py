@@ -7,8 +7,9 @@ built from the family's config class (sizes shrunk by name: hidden 32, 8 experts
 ...; families whose config does not build that way are listed with the error), in fp32 train mode
 with decisive routers (router std 0.4, experts std 0.25, random expert bias). Then:
 - experts implementation: `hf.register(model)` (experts on moe_kit, transformers' router);
-- convert: `hf.convert(model)` (the whole block a MoELayer); convert_back restores the blocks and
-  the state_dict must load strictly into a fresh model of the class;
+- convert: `hf.convert(model)` (the whole block a MoELayer), whose state_dict must list the same
+  keys, shapes and dtypes as transformers' (what save_pretrained writes); convert_back restores the
+  blocks and the state_dict must load strictly into a fresh model of the class;
 - compile (with --compile): `torch.compile(model, fullgraph=True, backend="aot_eager")`, forward
   and backward, in both modes, and of the unmodified transformers model for reference (a family
   that fails there fails for reasons outside moe_kit).
@@ -224,7 +225,10 @@ def measure_blocks(family: str, why: str) -> dict:
             holder.mlp = strengthen(block).train()
             x = torch.randn(2, SEQ, config.hidden_size, generator=torch.Generator().manual_seed(2))
             ref = block_run(holder, x)
+            layout = state_layout(holder)
             _convert(holder, {}, verified_only=False)
+            if state_layout(holder) != layout:
+                raise AssertionError("the converted block's state_dict differs from transformers' (keys/shapes/dtypes)")
             got = block_run(holder, x, converted=True)
             worst = max(worst, parity(got, ref))
             blocks.append(cls.__name__)
@@ -237,6 +241,11 @@ def measure_blocks(family: str, why: str) -> dict:
     else:
         row["build"] = f"{why}; " + "; ".join(unbuilt)[:300]
     return row
+
+
+def state_layout(module) -> list:
+    """[(key, shape, dtype)] of a state_dict: what a checkpoint written from it looks like."""
+    return [(k, tuple(v.shape), v.dtype) for k, v in module.state_dict().items()]
 
 
 def block_run(holder, x, converted=False):
@@ -277,7 +286,10 @@ def measure(family: str, do_compile: bool) -> dict:
     try:
         model = fresh()
         verified = all(b in VERIFIED for b in row["blocks"])
+        layout = state_layout(model)
         _convert(model, {}, verified_only=False)
+        if state_layout(model) != layout:
+            raise AssertionError("the converted model's state_dict differs from transformers' (keys/shapes/dtypes)")
         row["convert"] = parity(run(model, ids, converted=True), ref)
         row["verified"] = verified
         clean = tiny_model(family, retry)
@@ -313,6 +325,23 @@ def cell(value) -> str:
     return str(value).replace("|", "/")
 
 
+def summary(rows: list[dict]) -> str:
+    def ok(row, key):
+        return isinstance(row.get(key), float) and row[key] <= 1e-3
+
+    models = [r for r in rows if r.get("build") == "ok"]
+    blocks = [r for r in rows if r.get("level") == "block" and "convert" in r]
+    converted = [r for r in models + blocks if ok(r, "convert") and r.get("verified")]
+    return (
+        f"{len(rows)} families use transformers' experts interface; {len(models)} tiny causal LMs built, "
+        f"{len(blocks)} more families measured block by block. Experts implementation equal to eager: "
+        f"{sum(ok(r, 'experts_impl') for r in models)} of {len(models)}; `hf.convert`: {len(converted)} families; "
+        f"fullgraph compile equal to eager: {sum(ok(r, 'compile_experts_impl') for r in models)} (experts "
+        f"implementation) and {sum(ok(r, 'compile_convert') for r in models)} (convert) of the "
+        f"{sum(ok(r, 'compile_eager') for r in models)} whose unmodified transformers model compiles."
+    )
+
+
 def markdown(rows: list[dict], env: dict) -> str:
     lines = [
         "# transformers MoE families on moe_kit",
@@ -322,6 +351,8 @@ def markdown(rows: list[dict], env: dict) -> str:
         "normwise relative error of logits and parameter gradients against transformers' eager experts. "
         "`convert` numbers for blocks not in `specs.VERIFIED` are measured with the check bypassed; "
         "`hf.convert` itself refuses them.",
+        "",
+        summary(rows),
         "",
         "| family | MoE block | experts implementation | convert | convert_back | compile (experts impl.) "
         "| compile (convert) | compile (transformers' own experts, for reference) |",
@@ -354,7 +385,14 @@ def main():
     parser.add_argument("--compile", action="store_true", help="also torch.compile(fullgraph=True) both modes")
     parser.add_argument("--json", default=None)
     parser.add_argument("--md", default=None)
+    parser.add_argument("--from-json", default=None, help="only write --md from a JSON written earlier")
     args = parser.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            data = json.load(f)
+        with open(args.md, "w") as f:
+            f.write(markdown(data["rows"], data["env"]))
+        return
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     transformers.logging.set_verbosity_error()

@@ -464,12 +464,16 @@ def test_moe_ffn_torch_saves_no_gathered_rows():
 @pytest.mark.parametrize("d, i, limit", [pytest.param(16, 8, None, id="grouped"),
                                           pytest.param(33, 17, 1.0, id="fallback-limit")])
 def test_moe_ffn_torch_recompute_and_column_chunks(recompute, d, i, limit, monkeypatch):
-    """The backward's column-chunked dX and d_gate_up (forced with a tiny CHUNK_BYTES) and the
-    recompute="gemm1" mode equal the loop reference in the output and every gradient."""
-    monkeypatch.setattr(torch_ops, "CHUNK_BYTES", 64)
-    monkeypatch.setattr(torch_ops, "CHUNK_MIN_COLUMNS", 4)
-    assert len(torch_ops._column_chunks(40, d, 4)) > 1
-    x, weights, indices, gate_up, down, cot = make_case(20, 5, 2, d, i, F32, seed=4, scale=3.0)
+    """The backward's dX and d_gate_up made one group of experts at a time (forced with a tiny
+    CHUNK_BYTES; the padded path never chunks) and the recompute="gemm1" mode equal the loop
+    reference in the output and every gradient."""
+    monkeypatch.setattr(torch_ops, "CHUNK_BYTES", 6 * d * 4)  # groups of about 6 rows: several experts each or one
+    x, weights, indices, gate_up, down, cot = make_case(20, 7, 2, d, i, F32, "subset", seed=4, scale=3.0)
+    plan = routing_plan(indices, 7)
+    gemm = torch_ops.GroupedGemm(plan, 40, True)
+    chunks = torch_ops._expert_chunks(plan, 40, d * 4, gemm, False, x.device)
+    assert len(chunks) > 2 and chunks[0][0] == chunks[0][2] == 0 and chunks[-1][1] == 7 and chunks[-1][3] == 40
+    assert all(a[1] == b[0] and a[3] == b[2] for a, b in zip(chunks, chunks[1:], strict=False))  # consecutive
     got = value_and_grads(lambda *a: moe_ffn_torch(a[0], a[1], indices, a[2], a[3], limit, recompute=recompute),
                           x, weights, gate_up, down, cot)
     loop = value_and_grads(lambda *a: moe_ffn_loop(a[0], a[1], indices, a[2], a[3], limit), x, weights, gate_up,

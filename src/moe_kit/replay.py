@@ -30,8 +30,6 @@ import contextlib
 import torch
 from torch import nn
 
-from moe_kit.gates.router import flat_token_mask
-from moe_kit.gates.scores import routing_scores
 from moe_kit.layer import MoELayer
 
 
@@ -135,9 +133,5 @@ def replay_weights(gate: nn.Module, x: torch.Tensor, indices: torch.Tensor, toke
     own = getattr(gate, "replay_weights", None)
     if own is not None:  # gates whose indices may carry the marker E
         return own(x, indices, token_mask)
-    batch_shape = gate._check_sequence_shape(x)
-    x_flat = gate._flat_input(x)
-    mask = flat_token_mask(token_mask, batch_shape, x.device)
-    logits = gate._logits(x_flat)
-    scores = routing_scores(logits, gate.cfg.score_func)
+    scores, logits, batch_shape, mask = gate._score(x, token_mask)
     return gate._finish_weights(scores, indices, logits, batch_shape, mask)

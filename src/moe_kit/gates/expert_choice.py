@@ -34,10 +34,9 @@ import math
 
 import torch
 
-from moe_kit.balancing import attach_loss
+from moe_kit.balancing import SUM_FLOOR
 from moe_kit.config import MoEConfig
-from moe_kit.gates.router import Router, flat_token_mask
-from moe_kit.gates.scores import routing_scores
+from moe_kit.gates.router import Router
 from moe_kit.stats import score_entropy
 
 
@@ -64,22 +63,14 @@ class ExpertChoiceGate(Router):
         self.capacity: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        batch_shape = self._check_sequence_shape(x)
-        x_flat = self._flat_input(x)
-        mask = flat_token_mask(token_mask, batch_shape, x.device)
-        logits = self._logits(x_flat)  # [N, E]
-        scores = routing_scores(logits, self.cfg.score_func)
+        scores, logits, batch_shape, mask = self._score(x, token_mask)  # [N, E] each
         picked = self._choose(scores.detach(), mask)  # bool [N, E]
         indices = compact_choice(picked)
         return self._weights(scores, indices, logits, batch_shape, mask), indices
 
     def replay_weights(self, x: torch.Tensor, indices: torch.Tensor, token_mask: torch.Tensor | None = None):
         """Weights [N, K] for given indices [N, K] (E = no expert) from the current scores (routing replay)."""
-        batch_shape = self._check_sequence_shape(x)
-        x_flat = self._flat_input(x)
-        mask = flat_token_mask(token_mask, batch_shape, x.device)
-        logits = self._logits(x_flat)
-        scores = routing_scores(logits, self.cfg.score_func)
+        scores, logits, batch_shape, mask = self._score(x, token_mask)  # [N, E] each
         return self._weights(scores, indices, logits, batch_shape, mask)
 
     # ------------------------------------------------------------------------- forward pieces
@@ -120,16 +111,8 @@ class ExpertChoiceGate(Router):
             self.unrouted_fraction = unrouted.sum() / num_real.clamp_min(1).float()
         weights = scores.gather(1, indices.clamp(max=num_experts - 1)) * routed  # [N, K]
         if self.cfg.norm_topk_prob:  # over the experts that took the token (a token no expert took keeps 0)
-            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
-        weights = weights * self.cfg.route_scale
-        total = self._balancing_losses(scores, logits, batch_shape, mask)
-        self.balancing_term = None
-        if total is None or not torch.is_grad_enabled():
-            return weights
-        if self.cfg.loss_mode == "return":
-            self.balancing_term = total
-            return weights
-        return attach_loss(weights, total, self.loss_scale)
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(SUM_FLOOR)
+        return self._with_losses(weights * self.cfg.route_scale, scores, logits, batch_shape, mask)
 
 
 def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:

@@ -9,8 +9,7 @@ import numpy as np
 import torch
 
 from moe_kit.config import MoEConfig
-from moe_kit.gates.router import Router, flat_token_mask
-from moe_kit.gates.scores import routing_scores
+from moe_kit.gates.router import Router
 
 
 class HashGate(Router):
@@ -44,12 +43,8 @@ class HashGate(Router):
     def forward(
         self, x: torch.Tensor, input_ids: torch.Tensor | None = None, token_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        batch_shape = self._check_sequence_shape(x)
-        x_flat = self._flat_input(x)
-        mask = flat_token_mask(token_mask, batch_shape, x.device)
-        ids = self._check_ids(input_ids, x_flat.shape[0], mask)
-        logits = self._logits(x_flat)
-        scores = routing_scores(logits, self.cfg.score_func)
+        scores, logits, batch_shape, mask = self._score(x, token_mask)  # [N, E] each
+        ids = self._check_ids(input_ids, scores.shape[0], mask)
         indices = self.tid2eid[ids]  # [N, k]
         # the aux loss counts the table's experts: they are this layer's routing, unbiased and ungrouped
         return self._finish_weights(scores, indices, logits, batch_shape, mask, aux_indices=indices), indices

@@ -15,6 +15,7 @@ from torch import nn
 
 from moe_kit.balancing import SUM_FLOOR, attach_loss, global_batch_aux_loss, is_recomputing, switch_aux_loss, z_loss
 from moe_kit.config import MoEConfig
+from moe_kit.gates.scores import routing_scores
 from moe_kit.group_balancing import group_balancing_losses
 from moe_kit.stats import score_entropy
 
@@ -114,6 +115,14 @@ class Router(nn.Module):
             bias = None if self.bias is None else self.bias.to(dtype)
             return torch.nn.functional.linear(x_router, self.weight.to(dtype), bias)
 
+    def _score(self, x: torch.Tensor, token_mask=None):
+        """x [..., D] -> (scores [N, E], logits [N, E] in the router dtype, batch_shape, mask bool [N] or None)."""
+        batch_shape = self._check_sequence_shape(x)
+        x_flat = self._flat_input(x)
+        mask = flat_token_mask(token_mask, batch_shape, x.device)
+        logits = self._logits(x_flat)
+        return routing_scores(logits, self.cfg.score_func), logits, batch_shape, mask
+
     def _finish_weights(self, scores, indices, logits, batch_shape, mask=None, aux_indices=None) -> torch.Tensor:
         """Gather the unbiased scores of the chosen experts, normalize, scale, compute the losses.
 
@@ -126,7 +135,11 @@ class Router(nn.Module):
         weights = scores.gather(1, indices)  # [N, k]
         if self.cfg.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(SUM_FLOOR)  # finite grad at underflow
-        weights = weights * self.cfg.route_scale
+        return self._with_losses(weights * self.cfg.route_scale, scores, logits, batch_shape, mask, aux_indices)
+
+    def _with_losses(self, weights, scores, logits, batch_shape, mask=None, aux_indices=None) -> torch.Tensor:
+        """Compute the balancing losses and, in loss_mode "attach", attach them to `weights` [N, k]
+        (returned unchanged in value); in "return" keep their sum in `balancing_term`."""
         total = self._balancing_losses(scores, logits, batch_shape, mask, aux_indices)
         self.balancing_term = None
         if total is None or not torch.is_grad_enabled():

@@ -40,8 +40,7 @@ import math
 import torch
 
 from moe_kit.config import MoEConfig
-from moe_kit.gates.router import Router, flat_token_mask
-from moe_kit.gates.scores import routing_scores
+from moe_kit.gates.router import Router
 
 # Wanted as MoEConfig fields (sinkhorn_max_iters, sinkhorn_tol); module constants until then.
 SINKHORN_MAX_ITERS = 64  # upper bound on the iterations of one forward
@@ -69,11 +68,7 @@ class SinkhornGate(Router):
         self.sinkhorn_iters: int | None = None
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        batch_shape = self._check_sequence_shape(x)
-        x_flat = self._flat_input(x)
-        mask = flat_token_mask(token_mask, batch_shape, x.device)
-        logits = self._logits(x_flat)  # [N, E]
-        scores = routing_scores(logits, self.cfg.score_func)
+        scores, logits, batch_shape, mask = self._score(x, token_mask)  # [N, E] each
         self.sinkhorn_iters = None
         if self.training:
             plan, self.sinkhorn_iters = sinkhorn_log_plan(logits.detach(), mask, SINKHORN_MAX_ITERS, SINKHORN_TOL)

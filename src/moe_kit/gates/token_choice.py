@@ -20,8 +20,7 @@ import torch
 
 from moe_kit.balancing import is_recomputing
 from moe_kit.config import MoEConfig
-from moe_kit.gates.router import Router, flat_token_mask
-from moe_kit.gates.scores import routing_scores
+from moe_kit.gates.router import Router
 
 _FP32_STATE = ("expert_bias",)  # buffers kept fp32 whatever dtype the model is cast to
 
@@ -79,11 +78,7 @@ class TopKGate(Router):
     # ------------------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        batch_shape = self._check_sequence_shape(x)
-        x_flat = self._flat_input(x)
-        mask = flat_token_mask(token_mask, batch_shape, x.device)
-        logits = self._logits(x_flat)  # [N, E]
-        scores = routing_scores(logits, self.cfg.score_func)
+        scores, logits, batch_shape, mask = self._score(x, token_mask)  # [N, E] each
         choice = scores.detach()
         if self.expert_bias is not None:
             choice = choice + self.expert_bias.to(device=choice.device, dtype=choice.dtype)

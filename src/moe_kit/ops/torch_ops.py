@@ -42,8 +42,7 @@ _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SMALL_ROWS = 8  # the gathered-weights decode path: S = N*k <= SMALL_ROWS ...
 SMALL_EXPERTS_PER_ROW = 16  # ... and E >= 16 * S (copying S experts' weights beats grouped_mm's per-expert cost)
-CHUNK_BYTES = 16 * 2**20  # backward [R, D] temporaries (x[token], dX rows) are made in column chunks of ~this size
-CHUNK_MIN_COLUMNS = 32  # ... each at least this wide
+CHUNK_BYTES = 8 * 2**20  # CPU backward: [R, D] temporaries (x[token], dX rows) made in groups of experts of ~this size
 Tensor = torch.Tensor
 
 
@@ -178,29 +177,45 @@ def sorted_ffn_backward(grad_out, x, weights, gate_up, down, h, plan, activation
     if need_x or need_gate_up:
         grad_h = gated_act_backward(grad_act.mul_(w_rows), h, activation, limit, activated)  # [R, 2I]
         del grad_act, h, activated
-        columns = _column_chunks(num_rows, x.shape[1], x.element_size())
-        if need_x:  # dX rows [R, D] made and summed per token one column chunk at a time
-            grad_x = torch.cat([
-                _sum_rows_per_token(gemm.backward_input(grad_h, gate_up[:, :, cols]), plan, x.shape[0], num_rows,
-                                    deterministic)
-                for cols in columns
-            ], dim=1) if len(columns) > 1 else _sum_rows_per_token(
-                gemm.backward_input(grad_h, gate_up), plan, x.shape[0], num_rows, deterministic)
-        if need_gate_up:  # x[token] gathered again, one column chunk at a time
-            if len(columns) == 1:
+        chunks = _expert_chunks(plan, num_rows, x.shape[1] * x.element_size(), gemm, deterministic, x.device)
+        if chunks is None:
+            if need_x:
+                grad_x = _sum_rows_per_token(gemm.backward_input(grad_h, gate_up), plan, x.shape[0], num_rows,
+                                             deterministic)
+            if need_gate_up:
                 grad_gate_up = gemm.weight_grad(grad_h, x.index_select(0, token))
-            else:
+        else:  # [R, D] temporaries (dX rows, x[token] again) made one group of whole experts at a time
+            if need_x:
+                grad_x = x.new_zeros(x.shape)
+                for e0, e1, r0, r1 in chunks:
+                    ends = (plan.offsets[e0 + 1:e1 + 1] - r0).to(torch.int32)
+                    grad_x.index_add_(0, token[r0:r1], _grouped_mm(grad_h[r0:r1], gate_up[e0:e1], offs=ends))
+            if need_gate_up:
                 grad_gate_up = gate_up.new_empty(gate_up.shape)
-                for cols in columns:
-                    grad_gate_up[:, :, cols] = gemm.weight_grad(grad_h, x[:, cols].index_select(0, token))
+                for e0, e1, r0, r1 in chunks:
+                    ends = (plan.offsets[e0 + 1:e1 + 1] - r0).to(torch.int32)
+                    grad_gate_up[e0:e1] = _grouped_mm(grad_h[r0:r1].t(), x.index_select(0, token[r0:r1]), offs=ends)
     return grad_x, grad_weights, grad_gate_up, grad_down
 
 
-def _column_chunks(num_rows: int, width: int, element_size: int) -> list[slice]:
-    """Column slices of a [R, width] temporary, each about CHUNK_BYTES (at least CHUNK_MIN_COLUMNS wide)."""
-    count = min(max(1, num_rows * width * element_size // CHUNK_BYTES), max(1, width // CHUNK_MIN_COLUMNS))
-    step = -(-width // count)
-    return [slice(lo, min(lo + step, width)) for lo in range(0, width, step)]
+def _expert_chunks(plan: RoutingPlan, num_rows: int, row_bytes: int, gemm: GroupedGemm, deterministic: bool,
+                   device: torch.device) -> list[tuple[int, int, int, int]] | None:
+    """Groups (first expert, end expert, first row, end row) of whole consecutive experts holding
+    about CHUNK_BYTES of [rows, D] each (an expert bigger than that is a group of its own); None
+    when one piece will do: small batches, the padded path, the deterministic combine, or a device
+    where reading the offsets on the host would synchronize (CPU only)."""
+    if not gemm.use_grouped or deterministic or device.type != "cpu" or num_rows * row_bytes <= CHUNK_BYTES:
+        return None
+    bounds = plan.offsets.tolist()  # a host copy; free on CPU
+    target = max(1, CHUNK_BYTES // row_bytes)  # rows per group
+    chunks, first = [], 0
+    while first < plan.num_experts:
+        end = first + 1
+        while end < plan.num_experts and bounds[end + 1] - bounds[first] <= target:
+            end += 1
+        chunks.append((first, end, bounds[first], bounds[end]))
+        first = end
+    return chunks
 
 
 class _SortedExpertsFFN(torch.autograd.Function):
@@ -326,7 +341,7 @@ def small_ffn(x, weights, indices, gate_up, down, activation="silu", limit=None,
     if kept is not None:
         scale = scale * kept.unsqueeze(1)
     y = torch.bmm(down.index_select(0, flat), (act * scale).unsqueeze(2)).squeeze(2)  # [S, D]
-    return y.view(num_tokens, top_k, x.shape[1]).sum(1)
+    return y.view(num_tokens, top_k, x.shape[1]).sum(1).to(x.dtype)  # x.dtype under autocast too
 
 
 # ----------------------------------------------------------------------------- inference path: fewest ops
@@ -334,12 +349,17 @@ def small_ffn(x, weights, indices, gate_up, down, activation="silu", limit=None,
 
 def lean_forward(x, weights, indices, gate_up, down, activation="silu", limit=None):
     """sorted_ffn_forward for CPU inference (no grad, nothing dropped, index_add combine, grouped_mm
-    usable) with the least work around the two GEMMs: no full RoutingPlan (no inverse permutation),
-    expert ends from one bincount. At decode sizes the fixed cost of each op is what is measured."""
+    usable, N > 0) with the least work around the two GEMMs: no full RoutingPlan (no inverse
+    permutation), expert ends from one bincount, only the span of used experts handed to grouped_mm.
+    At decode sizes the fixed cost of each op is what is measured."""
     top_k = indices.shape[1]
     flat = indices.reshape(-1)
-    slot = torch.sort(flat, stable=True)[1]  # rows sorted by expert
-    ends = torch.bincount(flat, minlength=gate_up.shape[0]).cumsum(0, dtype=torch.int32)
+    expert, slot = torch.sort(flat, stable=True)  # rows sorted by expert
+    # grouped_mm on CPU runs a few small ops per expert, empty or not: pass only the span of
+    # experts from the first to the last one used (views of the weights; host reads are free on CPU)
+    first, last = int(expert[0]), int(expert[-1])
+    gate_up, down = gate_up[first:last + 1], down[first:last + 1]
+    ends = torch.bincount(flat, minlength=last + 1)[first:].cumsum(0, dtype=torch.int32)
     token = slot.div(top_k, rounding_mode="floor")
     h = _grouped_mm(x.index_select(0, token), gate_up.transpose(1, 2), offs=ends)  # [S, 2I]
     w_rows = weights.reshape(-1).index_select(0, slot).to(x.dtype).unsqueeze(1)
@@ -382,8 +402,8 @@ def moe_ffn_torch(
         small = not compiling and 0 < rows <= SMALL_ROWS and rows * SMALL_EXPERTS_PER_ROW <= gate_up_proj.shape[0]
     if small:
         return small_ffn(x, weights, indices, gate_up_proj, down_proj, activation, swiglu_limit, has_dropped)
-    inference = not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, gate_up_proj, down_proj)))
-    if inference and not (compiling or has_dropped or deterministic) and x.device.type == "cpu" and indices.numel() \
+    graph = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, gate_up_proj, down_proj))
+    if not graph and not (compiling or has_dropped or deterministic) and x.device.type == "cpu" and indices.numel() \
             and use_grouped_mm(x.dtype, x.device, *gate_up_proj.shape[1:], down_proj.shape[2]):
         return lean_forward(x, weights, indices, gate_up_proj, down_proj, activation, swiglu_limit)
     plan = routing_plan(indices, gate_up_proj.shape[0], has_dropped)
@@ -394,7 +414,7 @@ def moe_ffn_torch(
             has_dropped, activation, None if swiglu_limit is None else float(swiglu_limit), deterministic, save_h,
         )
         return out
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, gate_up_proj, down_proj))):
+    if not graph:
         return sorted_ffn_forward(x, weights, gate_up_proj, down_proj, plan, activation, swiglu_limit, deterministic,
                                   "none")[0]  # no autograd.Function, nothing saved
     return _SortedExpertsFFN.apply(

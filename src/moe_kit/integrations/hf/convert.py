@@ -147,7 +147,11 @@ def _to_moe_layer(block: nn.Module, spec: BlockSpec, layer_idx: int | None, over
     kept = {hf: block_state[hf] for hf, moe in keys.items() if moe is None}  # e.g. LFM2's unused bias
     _move_state(block, layer, keys, zeros=("gate.expert_bias",))  # a bias the family lacks starts at 0
     integer = {hf: t.dtype for hf, t in block_state.items() if not (t.is_floating_point() or t.is_complex())}
-    HFKeyNames({moe: hf for hf, moe in keys.items() if moe is not None}, integer, kept, list(block_state)).attach(layer)
+    layer_state = layer.state_dict(keep_vars=True)
+    shapes = {hf: tuple(block_state[hf].shape) for hf, moe in keys.items()
+              if moe is not None and block_state[hf].shape != layer_state[moe].shape}
+    to_hf = {moe: hf for hf, moe in keys.items() if moe is not None}
+    HFKeyNames(to_hf, integer, kept, list(block_state), shapes).attach(layer)
     layer.train(block.training)
     layer._hf_origin = HFOrigin(type(block), block.experts.config, layer_idx)
     return layer
@@ -206,14 +210,20 @@ def _move_state(src: nn.Module, dst: nn.Module, keys: dict[str, str | None], zer
         target = keys[key]
         if target is None:
             continue
-        if tensor.shape != dst_state[target].shape:
-            raise ValueError(f"{key} {tuple(tensor.shape)} does not fit {target} {tuple(dst_state[target].shape)}")
+        slot = dst_state[target]
         owner_name, _, leaf = target.rpartition(".")
         owner = dst.get_submodule(owner_name)
         if leaf in owner._parameters:
-            owner._parameters[leaf] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor)
-        else:
-            owner._buffers[leaf] = tensor.detach().to(dst_state[target].dtype)
+            if tensor.shape != slot.shape:
+                raise ValueError(f"{key} {tuple(tensor.shape)} does not fit {target} {tuple(slot.shape)}")
+            if not isinstance(tensor, nn.Parameter):
+                tensor = nn.Parameter(tensor.detach(), requires_grad=slot.requires_grad)
+            owner._parameters[leaf] = tensor
+        else:  # buffers: cast to dst's dtype; a [1, E] bias becomes [E] (same values)
+            shapes = tuple(tensor.shape), tuple(slot.shape)
+            if shapes[0] != shapes[1] and shapes[0] != (1, *shapes[1]):
+                raise ValueError(f"{key} {tuple(tensor.shape)} does not fit {target} {tuple(slot.shape)}")
+            owner._buffers[leaf] = tensor.detach().to(slot.dtype).reshape(slot.shape)
         filled.add(target)
     device = next(iter(src_state.values())).device
     for module in dst.modules():
@@ -237,8 +247,9 @@ class HFKeyNames:
     """
 
     def __init__(self, to_hf: dict[str, str], dtypes: dict[str, torch.dtype], kept: dict | None = None,
-                 order: list[str] | None = None):
+                 order: list[str] | None = None, shapes: dict[str, tuple] | None = None):
         self.to_hf = dict(to_hf)
+        self.shapes = dict(shapes or {})  # {block key: its shape} where the MoELayer's differs ([1, E] bias)
         self.order = list(order or [])  # the block's own key order
         self.from_hf = {hf: moe for moe, hf in self.to_hf.items()}
         self.dtypes = dict(dtypes)
@@ -257,14 +268,16 @@ class HFKeyNames:
             value = state_dict.pop(key)
             hf_key = self.to_hf.get(key[len(prefix):], key[len(prefix):])
             dtype = self.dtypes.get(hf_key)
-            renamed[hf_key] = value if dtype is None else value.to(dtype)
+            value = value if dtype is None else value.to(dtype)
+            renamed[hf_key] = value if hf_key not in self.shapes else value.reshape(self.shapes[hf_key])
         for hf_key in [k for k in self.order if k in renamed] + [k for k in renamed if k not in self.order]:
             state_dict[prefix + hf_key] = renamed[hf_key]
 
     def load_hook(self, module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
         for hf_key, moe_key in self.from_hf.items():
             if hf_key != moe_key and prefix + hf_key in state_dict:
-                state_dict[prefix + moe_key] = state_dict.pop(prefix + hf_key)
+                value = state_dict.pop(prefix + hf_key)
+                state_dict[prefix + moe_key] = value.reshape(-1) if hf_key in self.shapes else value
         for hf_key in self.kept:
             if prefix + hf_key in state_dict:
                 self.kept[hf_key] = state_dict.pop(prefix + hf_key)

@@ -104,8 +104,8 @@ def state_keys(spec: BlockSpec, block: nn.Module) -> dict[str, str | None]:
         leaf = key.rpartition(".")[2]
         if tuple(tensor.shape) == (num_experts, hidden):
             target = "gate.weight"
-        elif leaf in BLOCK_BIASES and tuple(tensor.shape) == (num_experts,):
-            target = "gate.expert_bias"
+        elif leaf in BLOCK_BIASES and tuple(tensor.shape) in ((num_experts,), (1, num_experts)):
+            target = "gate.expert_bias"  # ERNIE 4.5 keeps it as [1, E]
         elif leaf == "tid2eid":
             target = "gate.tid2eid"
         elif leaf == "bias" and tuple(tensor.shape) == (num_experts,):
@@ -149,7 +149,9 @@ def probe_routing(block: nn.Module, spec: BlockSpec) -> dict:
             if tensor.is_floating_point():
                 scale = 0.1 if tensor.dim() == 1 else 1.0  # biases small, router weights O(1)
                 tensor.copy_(torch.randn(tensor.shape, generator=generator, device="cpu") * scale)
-                state[keys[f"{spec.router}.{key}"].removeprefix("gate.")] = tensor.detach().clone()
+                target = keys[f"{spec.router}.{key}"].removeprefix("gate.")
+                value = tensor.detach().clone()
+                state[target] = value.reshape(-1) if target == "expert_bias" else value
     bias = None
     if spec.block_bias:
         bias = torch.randn(num_experts, generator=generator, device="cpu") * 0.1
@@ -287,7 +289,7 @@ VERIFIED = (
     "Dots1MoE", "Dots3NoteTextMoE", "Glm4MoeMoE", "Glm4MoeLiteMoE", "Glm4vMoeTextMoE",
     "GlmMoeDsaMoE", "Mistral4MoE", "MistralLarge4TextMoE", "ExaoneMoeSparseMoEBlock", "KimiLinearMoE",
     "AXK2MoE", "SolarOpenMoE", "UnlimitedOcrTextMoe", "BeamMoE",
-    "LagunaSparseMoeBlock", "MiMoV2FlashMoE",
+    "LagunaSparseMoeBlock", "MiMoV2FlashMoE", "Ernie4_5_MoeSparseMoeBlock",
     # expert bias on the block, handed to the router
     "HYV3MoE", "MiniMaxM2SparseMoeBlock", "Lfm2MoeSparseMoeBlock", "AfmoeSparseMoeBlock",
 )
