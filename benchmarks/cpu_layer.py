@@ -109,7 +109,9 @@ def main(argv=None) -> dict:
         env["transformers"] = transformers.__version__
     except ImportError:
         env["transformers"] = None
-    progress = moe_bench.Progress(len(args.cells) * (args.warmup + args.repeats), enabled=not args.quiet)
+    rounds = args.warmup + args.repeats
+    progress = moe_bench.Progress(sum(moe_bench.cell_cost(t, p) * rounds for p, t in args.cells),
+                                  enabled=not args.quiet)
     rows, skipped = [], []
     for pass_, tokens in args.cells:
         providers = dict(everyone)
@@ -122,7 +124,9 @@ def main(argv=None) -> dict:
         errors = moe_bench.check_providers(providers, layer, x, None, grad_out, check_grad=pass_ == "fwdbwd")
         progress.label = f"{pass_} T={tokens}"
         fns = {name: moe_bench.timed_call(module, x, None, grad_out, pass_) for name, module in providers.items()}
-        results = moe_bench.time_interleaved(fns, repeats=args.repeats, warmup=args.warmup, on_round=progress.update)
+        cost = moe_bench.cell_cost(tokens, pass_)
+        results = moe_bench.time_interleaved(fns, repeats=args.repeats, warmup=args.warmup,
+                                             on_round=lambda cost=cost: progress.update(cost))
         for name, r in results.items():
             rows.append(dict(provider=name, pass_=pass_, tokens=tokens, ms=r["median_ms"], ms_min=r["min_ms"],
                              ms_max=r["max_ms"], ms_q1=r["q1_ms"], ms_q3=r["q3_ms"], max_rel_err=errors.get(name),

@@ -194,6 +194,9 @@ def tiny_block(cls: type, family: str):
                 block = cls(config, layer_idx=config.num_hidden_layers - 1)
             else:
                 block = cls(config)
+            with torch.no_grad():  # a bare block is not initialized by transformers: no torch.empty garbage
+                for param in block.parameters():
+                    param.normal_(0.0, 0.1)
             block(torch.randn(1, 3, config.hidden_size))
             return block, config
         except Exception as caught:  # noqa: BLE001 - try the next shrink

@@ -296,8 +296,15 @@ def _git_commit() -> str | None:
         return None
 
 
+def cell_cost(tokens: int, pass_: str) -> int:
+    """Relative time of one timing round of a (tokens, pass) cell, for the time-left estimate:
+    proportional to the tokens (3x for fwdbwd) plus a fixed per-call cost."""
+    return (3 if pass_ == "fwdbwd" else 1) * tokens + 64
+
+
 class Progress:
-    """A one-line bar on stderr when it is a terminal; otherwise one log line per finished cell."""
+    """A one-line bar on stderr when it is a terminal; otherwise one log line per finished cell.
+    Units are arbitrary work (cell_cost per round), so the time left weighs big cells more."""
 
     def __init__(self, total: int, enabled: bool = True):
         self.total, self.done, self.label = total, 0, ""
@@ -316,7 +323,8 @@ class Progress:
         self.done += n
         if self.tty:
             filled = round(30 * self.done / max(self.total, 1))
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {self.label}"
+            percent = 100 * self.done / max(self.total, 1)
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {percent:.0f}% {self.label}"
                              f" (~{self.eta()} left)\033[K")
             sys.stderr.flush()
 
@@ -511,7 +519,8 @@ def main(argv=None) -> dict:
         **{k: v for k, v in vars(cfg).items() if k not in ("router_dtype", "backend")},
     )
     env = environment(device, dtype, argv)
-    progress = Progress(len(tokens_list) * len(passes) * (args.warmup + args.repeats), enabled=not args.quiet)
+    rounds = args.warmup + args.repeats
+    progress = Progress(sum(cell_cost(t, p) * rounds for t in tokens_list for p in passes), enabled=not args.quiet)
     rows, skipped = [], []
     all_providers = providers
     for tokens in tokens_list:
@@ -530,7 +539,9 @@ def main(argv=None) -> dict:
         for pass_ in passes:
             progress.label = f"{pass_} N={tokens}"
             fns = {name: timed_call(module, x, input_ids, grad_out, pass_) for name, module in providers.items()}
-            results = time_interleaved(fns, repeats=args.repeats, warmup=args.warmup, on_round=progress.update)
+            cost = cell_cost(tokens, pass_)
+            results = time_interleaved(fns, repeats=args.repeats, warmup=args.warmup,
+                                       on_round=lambda cost=cost: progress.update(cost))
             flops = expert_flops(cfg, tokens, pass_)
             for name, r in results.items():
                 rows.append({

@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 import moe_kit  # noqa: E402
 from moe_kit import HashGate, MoELayer, TopKGate  # noqa: E402
 from moe_kit.integrations import hf  # noqa: E402
-from moe_kit.integrations.hf.convert import layer_applies_activation  # noqa: E402
+from moe_kit.integrations.hf.convert import _convert, layer_applies_activation  # noqa: E402
 
 TOL = 1e-3  # normwise relative error, fp32
 VOCAB, SEQ = 96, 10
@@ -602,3 +602,16 @@ def test_unverified_or_inexpressible_blocks_are_refused_with_the_family():
                                         num_shared_experts=1, shared_expert_combination_strategy="average")
     with pytest.raises(ValueError, match=r"cohere2_moe\).*shared_expert_combination_strategy='average'"):
         hf.convert(transformers.Cohere2MoeForCausalLM(cfg))
+
+
+def test_router_probe_refuses_a_routing_moe_kit_lacks():
+    """Mistral-4's router scores groups by their top-2 sum without an expert bias (moe_kit: max);
+    the router probe finds no MoEConfig routing that matches, so convert says so."""
+    mistral4 = pytest.importorskip("transformers.models.mistral4.modeling_mistral4")
+    block, _ = _coverage().tiny_block(mistral4.Mistral4MoE, "mistral4")
+    holder = nn.Module()
+    holder.mlp = block
+    with pytest.raises(ValueError, match=r"mistral4\).*Mistral4MoE is not among the blocks"):
+        hf.convert(holder)
+    with pytest.raises(ValueError, match="Mistral4TopkRouter routes in a way MoEConfig cannot express"):
+        _convert(holder, {}, verified_only=False)  # the VERIFIED check bypassed: the probe itself refuses

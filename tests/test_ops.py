@@ -563,6 +563,18 @@ def test_moe_ffn_activations(activation, backend, limit):
         assert_close(g, r, 1e-5, f"{backend} {activation} {name} vs dense reference")
 
 
+def test_moe_ffn_recompute_keyword():
+    x, weights, indices, gate_up, down, cot = make_case(21, 5, 2, 16, 8, F32, seed=12)
+    lean = value_and_grads(lambda *a: moe_ffn(a[0], a[1], indices, a[2], a[3], "torch", recompute="gemm1"), x,
+                           weights, gate_up, down, cot)
+    default = value_and_grads(lambda *a: moe_ffn(a[0], a[1], indices, a[2], a[3], "torch"), x, weights, gate_up,
+                              down, cot)
+    for name, a, b in zip(NAMES, lean, default, strict=True):
+        assert_close(a, b, 1e-6, f"recompute=gemm1 {name}")
+    with pytest.raises(ValueError, match="recompute"):
+        moe_ffn(x, weights, indices, gate_up, down, "torch", recompute="everything")
+
+
 def test_moe_ffn_unknown_activation():
     with pytest.raises(ValueError, match="activation"):
         moe_ffn(*_good().values(), activation="swish")

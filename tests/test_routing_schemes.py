@@ -163,6 +163,7 @@ def test_expert_choice_matches_loop_reference(case):
     real = [t for t in range(n) if mask is None or mask[t]]
     unrouted = sum(1 for t in real if not picks[t]) / max(len(real), 1)
     assert float(layer.gate.unrouted_fraction) == pytest.approx(unrouted)
+    assert layer.stats.unrouted_fraction == pytest.approx(unrouted)
     assert int(layer.gate.capacity) == capacity
 
 

@@ -318,6 +318,18 @@ def test_weight_grad_kernel(tk):
         assert out.shape == (5, x.shape[1], 23) and rel_err(out, ref) <= TOL
 
 
+def test_other_activations_fall_back_to_torch(tk):
+    """The kernels compute silu only: backend="triton" with another activation runs the torch backend."""
+    from moe_kit.ops import moe_ffn
+
+    leaves, indices = make_case(9, 3, 2, 24, 16)
+    got = moe_ffn(*leaves[:2], indices, *leaves[2:], backend="triton", activation="gelu_tanh")
+    ref = moe_ffn_loop(*leaves[:2], indices, *leaves[2:], None, "gelu_tanh")
+    assert rel_err(got, ref) <= TOL
+    for a, b in zip(grads(got, leaves), grads(ref, leaves), strict=True):
+        assert rel_err(a, b) <= TOL
+
+
 def test_backward_keeps_only_h(tk):
     """Between forward and backward the triton path keeps x, the weights, h [S, 2I] and the small
     plan tensors: no act [S, I] and no gathered x rows [S, D]."""

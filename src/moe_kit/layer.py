@@ -196,6 +196,7 @@ class MoELayer(nn.Module):
             aux_loss=self.gate.aux_loss,
             z_loss=self.gate.z_loss,
             bias=None if expert_bias is None else expert_bias.clone(),
+            unrouted=getattr(self.gate, "unrouted_fraction", None),
         )
 
     @property
@@ -212,6 +213,7 @@ class MoELayer(nn.Module):
             z_loss=None if last["z_loss"] is None else float(last["z_loss"]),
             dropped_fraction=dropped,
             bias=None if last["bias"] is None else last["bias"].cpu(),
+            unrouted_fraction=None if last["unrouted"] is None else float(last["unrouted"]),
         )
 
     def extra_repr(self) -> str:

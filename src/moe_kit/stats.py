@@ -30,6 +30,7 @@ class RoutingStats:
     z_loss: float | None  # coef * router z-loss; None when off
     dropped_fraction: float  # share of the N*k slots dropped by the capacity limit
     bias: torch.Tensor | None  # fp32 [E]: expert bias (aux-loss-free balancing), None when off
+    unrouted_fraction: float | None = None  # expert choice: share of real tokens no expert took; else None
 
     @property
     def max_over_mean_load(self) -> float:

@@ -76,6 +76,7 @@ def moe_ffn(
     *,
     swiglu_limit: float | None = None,
     activation: str = "silu",
+    recompute: str = "act",
 ) -> torch.Tensor:
     """Routed gated experts: sum_j weights[:, j] * FFN_{indices[:, j]}(x), FFN = down(act(gate) * up).
 
@@ -90,6 +91,10 @@ def moe_ffn(
         swiglu_limit: optional clamp (gate <= limit, |up| <= limit) before act(gate) * up.
         activation: "silu" (SwiGLU, default) | "gelu" | "gelu_tanh" | "relu". The Triton kernels
             have silu only; other activations run on the torch backend when "triton" is asked.
+        recompute: what the torch backend rebuilds in the backward instead of saving: "act" (default:
+            saves h [N*k, 2I], regathers x rows and recomputes the activation) or "gemm1" (saves no
+            [N*k, .] tensor, runs the first GEMM again: less memory, ~20% more fwd+bwd time on CPU).
+            The Triton backend always saves h.
     Returns:
         [N, D] in x.dtype, differentiable in x, weights, gate_up_proj and down_proj.
 
@@ -102,14 +107,17 @@ def moe_ffn(
     if torch.compiler.is_compiling():
         torch._assert_async(((indices >= 0) & (indices < num_experts)).all(),
                             f"an expert id in indices is out of range for {num_experts} experts")
-    elif indices.numel() and bool(((indices < 0) | (indices >= num_experts)).any()):
-        bad = indices[(indices < 0) | (indices >= num_experts)][0].item()
-        raise IndexError(f"expert id {bad} in indices is out of range for {num_experts} experts")
-    return dispatch(x, weights, indices, gate_up_proj, down_proj, backend, swiglu_limit, activation=activation)
+    elif indices.numel():
+        low, high = torch.stack(torch.aminmax(indices)).tolist()  # one reduction, one host read
+        if low < 0 or high >= num_experts:
+            bad = indices[(indices < 0) | (indices >= num_experts)][0].item()
+            raise IndexError(f"expert id {bad} in indices is out of range for {num_experts} experts")
+    return dispatch(x, weights, indices, gate_up_proj, down_proj, backend, swiglu_limit, activation=activation,
+                    recompute=recompute)
 
 
 def dispatch(x, weights, indices, gate_up_proj, down_proj, backend, swiglu_limit=None, has_dropped=False,
-             activation="silu"):
+             activation="silu", recompute="act"):
     """moe_ffn without input checks; ids == E mark dropped slots when `has_dropped`."""
     backend = resolve_backend(backend, x.device)
     if backend == "loop":
@@ -121,7 +129,7 @@ def dispatch(x, weights, indices, gate_up_proj, down_proj, backend, swiglu_limit
             return moe_ffn_triton(x, weights, indices, gate_up_proj, down_proj, swiglu_limit, has_dropped)
         # other dtypes (float64) have no Triton kernels: the torch backend computes them
     return moe_ffn_torch(x, weights, indices, gate_up_proj, down_proj, swiglu_limit, has_dropped,
-                         activation=activation)
+                         activation=activation, recompute=recompute)
 
 
 def check_moe_ffn_inputs(x, weights, indices, gate_up_proj, down_proj) -> None:

@@ -72,8 +72,7 @@ def use_grouped_mm(dtype: torch.dtype, device: torch.device, *widths: int) -> bo
     """grouped_mm needs fp32/bf16/fp16 and every row of every operand 16-byte aligned."""
     if _grouped_mm is None or dtype not in _GROUPED_MM_DTYPES:
         return False
-    size = torch.empty((), dtype=dtype).element_size()
-    if any(width * size % 16 for width in widths):
+    if any(width * dtype.itemsize % 16 for width in widths):
         return False
     return _grouped_mm_works(device.type, dtype)
 
