@@ -16,7 +16,7 @@ from moe_kit.config import MoEConfig
 from moe_kit.ep import check_same_config, ep_moe_ffn, expert_slice, local_experts
 from moe_kit.experts import GroupedExperts, SharedExpert
 from moe_kit.gates import ExpertChoiceGate, HashGate, SinkhornGate, TopKGate
-from moe_kit.gates.router import autocast_off, flat_token_mask
+from moe_kit.gates.router import autocast_off, cast, flat_token_mask
 from moe_kit.ops import check_backend, dispatch
 from moe_kit.ops.capacity import capacity_of, decimal_ratio, over_capacity
 from moe_kit.stats import RoutingStats
@@ -99,7 +99,7 @@ class MoELayer(nn.Module):
         route = self.route if self.routing_hook is None else self.routing_hook
         weights, indices = route(x, input_ids, gate_mask)
         dtype = compute_dtype(x)
-        x_flat = x.reshape(-1, self.cfg.hidden_size).to(dtype)  # [N, D]
+        x_flat = cast(x.reshape(-1, self.cfg.hidden_size), dtype)  # [N, D]
         with autocast_off(x.device.type):
             if x.is_meta:  # shapes only: no routing plan can be built from meta indices
                 routed, dropped = torch.zeros_like(x_flat), None
@@ -140,8 +140,8 @@ class MoELayer(nn.Module):
             x_flat,
             weights,
             marked,
-            self.experts.gate_up_proj.to(dtype),
-            self.experts.down_proj.to(dtype),
+            cast(self.experts.gate_up_proj, dtype),
+            cast(self.experts.down_proj, dtype),
             self.cfg.backend,
             self.cfg.swiglu_limit,
             has_dropped=marked is not indices or gate_marks,
@@ -170,8 +170,8 @@ class MoELayer(nn.Module):
             x_flat,
             weights,
             marked,
-            self.experts.gate_up_proj.to(dtype),
-            self.experts.down_proj.to(dtype),
+            cast(self.experts.gate_up_proj, dtype),
+            cast(self.experts.down_proj, dtype),
             self.ep_group,
             self.cfg.backend,
             self.cfg.swiglu_limit,
@@ -179,23 +179,24 @@ class MoELayer(nn.Module):
             self.cfg.drop_policy,
             self.cfg.activation,
         )
-        self._remember(marked, result.dropped, mask)
-        self._last.update(load=result.load.detach(), slots=result.num_slots)  # the group's, not this rank's
+        self._remember(marked, result.dropped, mask, load=result.load.detach(), slots=result.num_slots)
         return result.out, result.dropped
 
-    @torch.no_grad()
-    def _remember(self, indices: torch.Tensor, dropped: torch.Tensor | None, mask: torch.Tensor | None) -> None:
-        """Keep the routing outcome as tensors; `stats` turns them into numbers only when read."""
-        load = torch.zeros(self.cfg.num_experts + 1, dtype=torch.long, device=indices.device)
-        load.scatter_add_(0, indices.reshape(-1), torch.ones_like(indices.reshape(-1)))
+    def _remember(self, indices, dropped, mask, load=None, slots=None) -> None:
+        """Keep references to the routing outcome (no work at decode sizes); `stats` counts only when read.
+
+        indices [N, k] (E = no expert), dropped int [] or None, mask bool [N] or None; load [E] and
+        slots given by expert parallelism (the group's, not this rank's)."""
         expert_bias = getattr(self.gate, "expert_bias", None)
         self._last = dict(
-            load=load[: self.cfg.num_experts],
-            slots=indices.numel() if mask is None else mask.sum() * self.cfg.top_k,
+            indices=indices.detach(),
+            mask=mask,
+            load=load,
+            slots=slots,
             dropped=dropped,
             aux_loss=self.gate.aux_loss,
             z_loss=self.gate.z_loss,
-            bias=None if expert_bias is None else expert_bias.clone(),
+            bias=None if expert_bias is None else expert_bias.detach().clone(),
             unrouted=getattr(self.gate, "unrouted_fraction", None),
         )
 
@@ -205,10 +206,18 @@ class MoELayer(nn.Module):
         last = self._last
         if last is None:
             return None
-        slots = int(last["slots"])
+        num_experts = self.cfg.num_experts
+        load = last["load"]
+        if load is None:
+            load = torch.bincount(last["indices"].reshape(-1).cpu(), minlength=num_experts + 1)[:num_experts]
+        slots = last["slots"]
+        if slots is None:
+            mask = last["mask"]
+            slots = last["indices"].numel() if mask is None else int(mask.sum()) * self.cfg.top_k
+        slots = int(slots)
         dropped = 0.0 if last["dropped"] is None or slots == 0 else float(last["dropped"]) / slots
         return RoutingStats(
-            load=last["load"].cpu(),
+            load=load.cpu(),
             aux_loss=None if last["aux_loss"] is None else float(last["aux_loss"]),
             z_loss=None if last["z_loss"] is None else float(last["z_loss"]),
             dropped_fraction=dropped,

@@ -21,13 +21,21 @@ from moe_kit.stats import score_entropy
 
 
 def autocast_off(device_type: str):
-    """A context that switches torch.autocast off for `device_type` (a no-op where autocast does not exist)."""
+    """A context that switches torch.autocast off for `device_type` while it is on (else a no-op,
+    which costs nothing at decode sizes; devices without autocast, such as meta, get the no-op)."""
     available = getattr(torch.amp, "is_autocast_available", None)
     if available is not None and not available(device_type):
         return contextlib.nullcontext()
     if available is None and device_type not in ("cpu", "cuda", "xpu", "mps", "hpu"):
         return contextlib.nullcontext()
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, enabled=False)
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype, without a call when it already is (a few microseconds each at decode sizes)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def flat_token_mask(token_mask, batch_shape: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
@@ -66,6 +74,7 @@ class Router(nn.Module):
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
         self.cfg = cfg.frozen_copy()  # later edits of the caller's config cannot change this gate
+        self._aux_pairs = self.cfg.aux_losses  # ((aux_loss_type, coef), ...) with coef > 0
         self.num_experts = cfg.num_experts
         self.top_k = cfg.top_k
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
@@ -108,12 +117,12 @@ class Router(nn.Module):
         """[N, D] -> [N, E] logits in the router dtype, with jitter noise in training (cfg.jitter_eps)."""
         dtype = self.cfg.router_dtype
         with autocast_off(x_flat.device.type):
-            x_router = x_flat.to(dtype)
+            x_router = cast(x_flat, dtype)
             if self.training and self.cfg.jitter_eps > 0:  # Switch / Megatron: x * U(1 - eps, 1 + eps)
                 eps = self.cfg.jitter_eps
                 x_router = x_router * torch.empty_like(x_router).uniform_(1.0 - eps, 1.0 + eps)
-            bias = None if self.bias is None else self.bias.to(dtype)
-            return torch.nn.functional.linear(x_router, self.weight.to(dtype), bias)
+            bias = None if self.bias is None else cast(self.bias, dtype)
+            return torch.nn.functional.linear(x_router, cast(self.weight, dtype), bias)
 
     def _score(self, x: torch.Tensor, token_mask=None):
         """x [..., D] -> (scores [N, E], logits [N, E] in the router dtype, batch_shape, mask bool [N] or None)."""
@@ -135,7 +144,9 @@ class Router(nn.Module):
         weights = scores.gather(1, indices)  # [N, k]
         if self.cfg.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(SUM_FLOOR)  # finite grad at underflow
-        return self._with_losses(weights * self.cfg.route_scale, scores, logits, batch_shape, mask, aux_indices)
+        if self.cfg.route_scale != 1.0:
+            weights = weights * self.cfg.route_scale
+        return self._with_losses(weights, scores, logits, batch_shape, mask, aux_indices)
 
     def _with_losses(self, weights, scores, logits, batch_shape, mask=None, aux_indices=None) -> torch.Tensor:
         """Compute the balancing losses and, in loss_mode "attach", attach them to `weights` [N, k]
@@ -163,7 +174,7 @@ class Router(nn.Module):
         """
         self.aux_loss = self.z_loss = None
         cfg = self.cfg
-        pairs = cfg.aux_losses  # ((aux_loss_type, coef), ...) with coef > 0
+        pairs = self._aux_pairs  # ((aux_loss_type, coef), ...) with coef > 0
         if not pairs and cfg.z_loss_coef <= 0:
             return None
         if aux_indices is None:
@@ -226,7 +237,7 @@ class Router(nn.Module):
         self.global_batch_counts = None
 
     def _check_sequence_shape(self, x: torch.Tensor) -> tuple[int, ...]:
-        if any(kind == "sequence" for kind, _ in self.cfg.aux_losses) and x.dim() != 3:
+        if x.dim() != 3 and any(kind == "sequence" for kind, _ in self._aux_pairs):
             raise ValueError(
                 f"aux_loss_type='sequence' needs input shaped [B, S, D], got shape {tuple(x.shape)}"
             )
