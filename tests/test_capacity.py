@@ -128,3 +128,44 @@ def test_position_policy_drops_the_last_positions_of_every_sequence():
     # capacity ceil(0.5 * 8 / 2) = 2 on expert 0: positions s=0 of both sequences stay
     kept = out.abs().sum(-1) > 0
     assert torch.equal(kept, torch.tensor([[True, False, False, False], [True, False, False, False]]))
+
+
+class _BmmShapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the batch shape [B, M, K] of every bmm's first operand."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.bmm.default:
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all-real", "token-mask"])
+def test_pad_to_capacity_runs_static_expert_batches_with_the_same_result(masked):
+    """pad_to_capacity (Megatron's moe_pad_expert_input_to_capacity): every expert GEMM, forward and
+    backward, runs on exactly C rows per expert; outputs and every gradient equal the unpadded layer."""
+    base = dict(hidden_size=8, intermediate_size=4, num_experts=4, top_k=2, capacity_factor=1.5, backend="torch")
+    torch.manual_seed(2)
+    plain = MoELayer(MoEConfig(**base))
+    padded = MoELayer(MoEConfig(**base, pad_to_capacity=True))
+    padded.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 9, 8)
+    mask = (torch.arange(18).view(2, 9) % 4 != 3) if masked else None
+    num_real = 18 if mask is None else int(mask.sum())
+    capacity = expert_capacity(num_real, 2, 4, 1.5)
+    results = []
+    for layer in (plain, padded):
+        xx = x.clone().requires_grad_(True)
+        with _BmmShapes() as seen:
+            out = layer(xx, token_mask=mask)
+            out.square().sum().backward()
+        results.append((out, [xx.grad] + [p.grad for p in layer.parameters()], seen.shapes))
+    (out0, grads0, _), (out1, grads1, shapes) = results
+    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-6)
+    for g0, g1 in zip(grads0, grads1, strict=True):
+        torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-6)
+    assert shapes, "the padded layer ran no batched GEMM"
+    assert all(s[0] == 4 and capacity in s[1:] for s in shapes), (capacity, shapes)

@@ -677,7 +677,7 @@ def test_layer_non_contiguous_input():
 
 
 COMPILE_CONFIGS = {
-    "softmax": dict(),
+    "softmax-pad-to-capacity": dict(capacity_factor=2.0, pad_to_capacity=True),
     "bias-groups-aux-z": dict(score_func="sigmoid", expert_bias=True, n_groups=2, topk_groups=1,
                               aux_loss_coef=0.1, z_loss_coef=1e-2),
     "capacity-position-router-bias": dict(capacity_factor=0.75, drop_policy="position", router_bias=True,
@@ -690,7 +690,7 @@ COMPILE_CONFIGS = {
 @pytest.mark.parametrize(
     "name,masked",
     [
-        pytest.param("softmax", False, id="softmax"),
+        pytest.param("softmax-pad-to-capacity", False, id="softmax-pad-to-capacity"),
         pytest.param("bias-groups-aux-z", True, id="bias-groups-aux-z-token-mask"),
         pytest.param("capacity-position-router-bias", True, id="capacity-position-router-bias-token-mask"),
         pytest.param("hash-shared-sequence-aux", False, id="hash-shared-sequence-aux"),

@@ -122,7 +122,7 @@ class MoELayer(nn.Module):
         """Routed experts on this process; padding and capacity overflow marked with id E."""
         num_experts = self.cfg.num_experts
         marked = indices if mask is None else indices.masked_fill(~mask.unsqueeze(1), num_experts)
-        dropped = None
+        dropped = pad_to = None
         gate_marks = getattr(self.gate, "marks_unrouted", False)  # expert choice: E in indices, capacity applied
         if self.cfg.capacity_factor is not None and not gate_marks:
             num_real = x_flat.shape[0] if mask is None else mask.sum()  # real tokens only (a tensor: no sync)
@@ -135,6 +135,8 @@ class MoELayer(nn.Module):
                 over = over & mask.unsqueeze(1)
             dropped = over.sum()
             marked = marked.masked_fill(over, num_experts)
+            if self.cfg.pad_to_capacity:  # Megatron's moe_pad_expert_input_to_capacity: [E, C, .] GEMMs
+                pad_to = int(capacity)  # a host sync only when capacity counts a token_mask
         dtype = x_flat.dtype
         routed = dispatch(
             x_flat,
@@ -146,6 +148,7 @@ class MoELayer(nn.Module):
             self.cfg.swiglu_limit,
             has_dropped=marked is not indices or gate_marks,
             activation=self.cfg.activation,
+            pad_to=pad_to,
         )
         self._remember(marked, dropped, mask)
         return routed, dropped

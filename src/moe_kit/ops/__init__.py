@@ -117,8 +117,9 @@ def moe_ffn(
 
 
 def dispatch(x, weights, indices, gate_up_proj, down_proj, backend, swiglu_limit=None, has_dropped=False,
-             activation="silu", recompute="act"):
-    """moe_ffn without input checks; ids == E mark dropped slots when `has_dropped`."""
+             activation="silu", recompute="act", pad_to=None):
+    """moe_ffn without input checks; ids == E mark dropped slots when `has_dropped`; pad_to: every
+    expert's GEMMs on exactly pad_to rows (torch backend; other backends compute the same values)."""
     backend = resolve_backend(backend, x.device)
     if backend == "loop":
         return moe_ffn_loop(x, weights, indices, gate_up_proj, down_proj, swiglu_limit, activation)
@@ -129,7 +130,7 @@ def dispatch(x, weights, indices, gate_up_proj, down_proj, backend, swiglu_limit
             return moe_ffn_triton(x, weights, indices, gate_up_proj, down_proj, swiglu_limit, has_dropped)
         # other dtypes (float64) have no Triton kernels: the torch backend computes them
     return moe_ffn_torch(x, weights, indices, gate_up_proj, down_proj, swiglu_limit, has_dropped,
-                         activation=activation, recompute=recompute)
+                         activation=activation, recompute=recompute, pad_to=pad_to)
 
 
 def check_moe_ffn_inputs(x, weights, indices, gate_up_proj, down_proj) -> None:

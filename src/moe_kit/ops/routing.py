@@ -23,10 +23,16 @@ class RoutingPlan:
     num_experts: int
     top_k: int
     has_dropped: bool  # True when some slots may carry the drop marker E (rows past offsets[-1])
+    pad_to: int | None = None  # every expert's GEMMs run on exactly pad_to rows (>= its count), or None
 
 
-def routing_plan(indices: torch.Tensor, num_experts: int, has_dropped: bool = False) -> RoutingPlan:
-    """Sort the S = N*k slots of `indices` (int [N, k], values in 0..E, E = dropped) by expert."""
+def routing_plan(
+    indices: torch.Tensor, num_experts: int, has_dropped: bool = False, pad_to: int | None = None
+) -> RoutingPlan:
+    """Sort the S = N*k slots of `indices` (int [N, k], values in 0..E, E = dropped) by expert.
+
+    pad_to: Megatron's moe_pad_expert_input_to_capacity: the expert GEMMs run on an [E, pad_to, .]
+    batch (zero rows past each expert's count), static shapes whatever the routing."""
     top_k = indices.shape[1]
     flat = indices.reshape(-1).long()  # [S]
     expert_of_row, slot_of_row = torch.sort(flat, stable=True)
@@ -47,4 +53,5 @@ def routing_plan(indices: torch.Tensor, num_experts: int, has_dropped: bool = Fa
         num_experts=num_experts,
         top_k=top_k,
         has_dropped=has_dropped,
+        pad_to=pad_to,
     )

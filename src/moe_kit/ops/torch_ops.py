@@ -86,13 +86,16 @@ class GroupedGemm:
     """
 
     def __init__(self, plan: RoutingPlan, num_rows: int, use_grouped: bool):
-        self.use_grouped = use_grouped
-        if use_grouped:
+        self.use_grouped = use_grouped and plan.pad_to is None
+        if self.use_grouped:
             self.ends = plan.offsets[1:].to(torch.int32)
         else:  # padded layout: row r goes to [expert_of_row[r], position[r]] of an [E, C, .] tensor
             self.expert = plan.expert_of_row[:num_rows]
             self.position = torch.arange(num_rows, device=self.expert.device) - plan.offsets[self.expert]
-            self.capacity = int(plan.counts.max()) if plan.counts.numel() else 0  # one host sync (eager only)
+            if plan.pad_to is not None:  # pad_to_capacity: a static [E, C, .] batch, no host sync
+                self.capacity = plan.pad_to
+            else:
+                self.capacity = int(plan.counts.max()) if plan.counts.numel() else 0  # one host sync (eager only)
             self.num_experts = plan.num_experts
 
     def _pad(self, rows: Tensor) -> Tensor:
@@ -255,17 +258,18 @@ def _sum_rows_per_token(rows: Tensor, plan: RoutingPlan, num_tokens: int, num_ro
 _PLAN_FIELDS = ("slot_of_row", "token_of_row", "row_of_slot", "expert_of_row", "counts", "offsets")
 
 
-def _plan_of(tensors, num_experts: int, top_k: int, has_dropped: bool) -> RoutingPlan:
-    return RoutingPlan(*tensors, num_experts=num_experts, top_k=top_k, has_dropped=has_dropped)
+def _plan_of(tensors, num_experts: int, top_k: int, has_dropped: bool, pad_to: int | None = None) -> RoutingPlan:
+    return RoutingPlan(*tensors, num_experts=num_experts, top_k=top_k, has_dropped=has_dropped, pad_to=pad_to)
 
 
 @torch.library.custom_op("moe_kit::sorted_ffn_fwd", mutates_args=())
 def _sorted_ffn_fwd_op(
     x: Tensor, weights: Tensor, gate_up: Tensor, down: Tensor, plan: list[Tensor], num_experts: int,
     has_dropped: bool, activation: str, limit: float | None, deterministic: bool, save_h: bool,
+    pad_to: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out [N, D], h [S, 2I] (rows past the kept ones zero) or [0, 2I] unless save_h)."""
-    routing = _plan_of(plan, num_experts, weights.shape[1], has_dropped)
+    routing = _plan_of(plan, num_experts, weights.shape[1], has_dropped, pad_to)
     out, h = sorted_ffn_forward(x, weights, gate_up.contiguous(), down.contiguous(), routing, activation, limit,
                                 deterministic, "h" if save_h else "none")
     if h is None:
@@ -276,7 +280,8 @@ def _sorted_ffn_fwd_op(
 
 
 @_sorted_ffn_fwd_op.register_fake
-def _(x, weights, gate_up, down, plan, num_experts, has_dropped, activation, limit, deterministic, save_h):
+def _(x, weights, gate_up, down, plan, num_experts, has_dropped, activation, limit, deterministic, save_h,
+      pad_to=None):
     return x.new_empty(x.shape), x.new_empty(weights.numel() if save_h else 0, gate_up.shape[1])
 
 
@@ -284,10 +289,10 @@ def _(x, weights, gate_up, down, plan, num_experts, has_dropped, activation, lim
 def _sorted_ffn_bwd_op(
     grad_out: Tensor, x: Tensor, weights: Tensor, gate_up: Tensor, down: Tensor, h: Tensor, plan: list[Tensor],
     num_experts: int, has_dropped: bool, activation: str, limit: float | None, deterministic: bool,
-    needs: list[bool],
+    needs: list[bool], pad_to: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (d_x, d_weights, d_gate_up, d_down), each empty [0] when not needed."""
-    routing = _plan_of(plan, num_experts, weights.shape[1], has_dropped)
+    routing = _plan_of(plan, num_experts, weights.shape[1], has_dropped, pad_to)
     saved = None
     if h.shape[0]:
         saved = h[: int(routing.offsets[-1])] if has_dropped else h
@@ -298,23 +303,25 @@ def _sorted_ffn_bwd_op(
 
 @_sorted_ffn_bwd_op.register_fake
 def _(grad_out, x, weights, gate_up, down, h, plan, num_experts, has_dropped, activation, limit, deterministic,
-      needs):
+      needs, pad_to=None):
     return tuple(t.new_empty(t.shape if n else (0,)) for t, n in zip((x, weights, gate_up, down), needs, strict=True))
 
 
 def _op_setup_context(ctx, inputs, output):
-    x, weights, gate_up, down, plan, num_experts, has_dropped, activation, limit, deterministic, _ = inputs
+    x, weights, gate_up, down, plan, num_experts, has_dropped, activation, limit, deterministic, _, pad_to = inputs
     ctx.save_for_backward(x, weights, gate_up, down, output[1], *plan)
     ctx.args = (num_experts, has_dropped, activation, limit, deterministic)
+    ctx.pad_to = pad_to
     ctx.mark_non_differentiable(output[1])
 
 
 def _op_backward(ctx, grad_out, _grad_h):
     x, weights, gate_up, down, h, *plan = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:4])
-    grads = torch.ops.moe_kit.sorted_ffn_bwd(grad_out, x, weights, gate_up, down, h, plan, *ctx.args, needs)
+    grads = torch.ops.moe_kit.sorted_ffn_bwd(grad_out, x, weights, gate_up, down, h, plan, *ctx.args, needs,
+                                             ctx.pad_to)
     grads = [g if n else None for g, n in zip(grads, needs, strict=True)]
-    return (*grads, [None] * len(plan), None, None, None, None, None, None)
+    return (*grads, [None] * len(plan), None, None, None, None, None, None, None)
 
 
 _sorted_ffn_fwd_op.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -383,14 +390,18 @@ def moe_ffn_torch(
     activation: str = "silu",
     recompute: str = "act",
     small: bool | None = None,
+    pad_to: int | None = None,
 ) -> Tensor:
     """x [N, D], weights [N, k], indices int [N, k] (E = dropped when has_dropped) -> [N, D].
 
     deterministic=None: a fixed-order combine on CUDA, index_add on CPU (deterministic there too).
     recompute: "act" (save h, recompute the activation; default) | "gemm1" (save only x, run GEMM 1
     again in the backward). small: None = the decode path when N*k <= SMALL_ROWS (eager only);
-    True / False force it on / off.
+    True / False force it on / off. pad_to: run every expert's GEMMs on exactly pad_to rows
+    (MoEConfig.pad_to_capacity: a static [E, C, .] batch; needs pad_to >= every expert's count).
     """
+    if pad_to is not None:
+        small = False
     if deterministic is None:
         deterministic = x.device.type != "cpu"
     if recompute not in ("act", "gemm1"):
@@ -402,15 +413,17 @@ def moe_ffn_torch(
     if small:
         return small_ffn(x, weights, indices, gate_up_proj, down_proj, activation, swiglu_limit, has_dropped)
     graph = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, gate_up_proj, down_proj))
-    if not graph and not (compiling or has_dropped or deterministic) and x.device.type == "cpu" and indices.numel() \
+    if not graph and not (compiling or has_dropped or deterministic or pad_to is not None) \
+            and x.device.type == "cpu" and indices.numel() \
             and use_grouped_mm(x.dtype, x.device, *gate_up_proj.shape[1:], down_proj.shape[2]):
         return lean_forward(x, weights, indices, gate_up_proj, down_proj, activation, swiglu_limit)
-    plan = routing_plan(indices, gate_up_proj.shape[0], has_dropped)
+    plan = routing_plan(indices, gate_up_proj.shape[0], has_dropped, pad_to)
     if compiling:
         save_h = recompute == "act" and torch.is_grad_enabled()
         out, _ = torch.ops.moe_kit.sorted_ffn_fwd(
             x, weights, gate_up_proj, down_proj, [getattr(plan, f) for f in _PLAN_FIELDS], plan.num_experts,
             has_dropped, activation, None if swiglu_limit is None else float(swiglu_limit), deterministic, save_h,
+            pad_to,
         )
         return out
     if not graph:

@@ -47,6 +47,7 @@ class BlockSpec:
     block_scale: str | None = None  # attribute of a factor the block multiplies the routed output by
     routing: Callable[[nn.Module], dict] | None = None  # explicit routing (hash layers); None: probed
     unused: tuple[str, ...] = field(default=())  # block tensors its forward ignores (kept, not used)
+    jitter: str | None = None  # attribute of the block's input jitter (INPUT_JITTER), None: it has none
 
 
 # ----------------------------------------------------------------------------- structure
@@ -88,6 +89,7 @@ def block_layout(block: nn.Module) -> BlockSpec:
         block_bias=biases[0] if biases else None,
         block_scale=scales[0] if len(scales) == 1 else None,
         unused=unused,
+        jitter="jitter_noise" if name in INPUT_JITTER and hasattr(block, "jitter_noise") else None,
     )
 
 
@@ -175,6 +177,30 @@ def probe_routing(block: nn.Module, spec: BlockSpec) -> dict:
     )
 
 
+def router_logits_dtype(block: nn.Module, spec: BlockSpec) -> torch.dtype | None:
+    """The dtype of the logits the block's router returns for bf16 states when it is not theirs
+    (DeepSeek-V2/V3 routers compute in fp32), None when it follows the states' dtype (Mixtral,
+    Qwen, OLMoE: the model dtype). Probed on a bf16 CPU copy of the router; None when the router
+    cannot run alone (a hash router needs token ids)."""
+    router = getattr(block, spec.router)
+    num_experts, _, hidden = block.experts.gate_up_proj.shape
+    probe = _cpu_copy(router).to(torch.bfloat16)
+    x = torch.zeros(2, hidden, dtype=torch.bfloat16, device="cpu")
+    args = (torch.zeros(num_experts, device="cpu"),) if spec.block_bias else ()
+    with torch.no_grad():
+        try:
+            out = probe(x, *args)
+        except Exception:  # noqa: BLE001 - some routers take [B, S, D] only; others cannot run alone
+            try:
+                out = probe(x.unsqueeze(0), *args)
+            except Exception:  # noqa: BLE001
+                return None
+    logits = out[0] if isinstance(out, tuple) else None
+    if not isinstance(logits, torch.Tensor) or logits.dtype == torch.bfloat16:
+        return None
+    return logits.dtype
+
+
 def router_top_k(router: nn.Module, block: nn.Module) -> int:
     for owner in (router, block):
         for attr in ("top_k", "topk", "num_experts_per_tok", "moe_topk"):
@@ -260,14 +286,21 @@ def _deepseek_v4(block: nn.Module) -> dict | None:
                 hash_routing=True, vocab_size=int(gate.tid2eid.shape[0]))
 
 
-def check_block(block: nn.Module) -> None:
+# Blocks whose forward starts, in training, with Mixtral's input jitter (config.router_jitter_noise):
+#     hidden_states *= torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+# so the router and the experts both see the jittered states; the converted layer draws the same noise
+# (ConvertedMoELayer.block_jitter_noise). Read in transformers 5.24's modeling files.
+INPUT_JITTER = ("MixtralSparseMoeBlock", "MiniMaxSparseMoeBlock", "MiniMaxM2SparseMoeBlock")
+
+
+def check_block(block: nn.Module, spec: BlockSpec | None = None) -> None:
     """Block settings that change the function in ways MoELayer does not have."""
     for attr in ("jitter_noise", "input_jitter_noise"):
         value = getattr(block, attr, 0) or 0
-        if value > 0:
+        if value > 0 and (spec is None or attr != spec.jitter):
             raise ValueError(
-                f"{attr}={value} (router_jitter_noise) scales the experts' input too; MoELayer's jitter_eps "
-                "touches the router only: set it to 0 before converting"
+                f"{attr}={value} (router_jitter_noise): moe_kit reproduces the input jitter of {INPUT_JITTER} "
+                f"only, not {type(block).__name__}'s; set it to 0 before converting"
             )
     strategy = getattr(block, "shared_expert_combination_strategy", "sum")
     if strategy != "sum":
