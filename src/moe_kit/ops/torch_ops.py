@@ -266,7 +266,7 @@ def _plan_of(tensors, num_experts: int, top_k: int, has_dropped: bool, pad_to: i
 def _sorted_ffn_fwd_op(
     x: Tensor, weights: Tensor, gate_up: Tensor, down: Tensor, plan: list[Tensor], num_experts: int,
     has_dropped: bool, activation: str, limit: float | None, deterministic: bool, save_h: bool,
-    pad_to: int | None = None,
+    pad_to: int | None,
 ) -> tuple[Tensor, Tensor]:
     """(out [N, D], h [S, 2I] (rows past the kept ones zero) or [0, 2I] unless save_h)."""
     routing = _plan_of(plan, num_experts, weights.shape[1], has_dropped, pad_to)
@@ -281,7 +281,7 @@ def _sorted_ffn_fwd_op(
 
 @_sorted_ffn_fwd_op.register_fake
 def _(x, weights, gate_up, down, plan, num_experts, has_dropped, activation, limit, deterministic, save_h,
-      pad_to=None):
+      pad_to):
     return x.new_empty(x.shape), x.new_empty(weights.numel() if save_h else 0, gate_up.shape[1])
 
 
@@ -289,7 +289,7 @@ def _(x, weights, gate_up, down, plan, num_experts, has_dropped, activation, lim
 def _sorted_ffn_bwd_op(
     grad_out: Tensor, x: Tensor, weights: Tensor, gate_up: Tensor, down: Tensor, h: Tensor, plan: list[Tensor],
     num_experts: int, has_dropped: bool, activation: str, limit: float | None, deterministic: bool,
-    needs: list[bool], pad_to: int | None = None,
+    needs: list[bool], pad_to: int | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (d_x, d_weights, d_gate_up, d_down), each empty [0] when not needed."""
     routing = _plan_of(plan, num_experts, weights.shape[1], has_dropped, pad_to)
@@ -303,7 +303,7 @@ def _sorted_ffn_bwd_op(
 
 @_sorted_ffn_bwd_op.register_fake
 def _(grad_out, x, weights, gate_up, down, h, plan, num_experts, has_dropped, activation, limit, deterministic,
-      needs, pad_to=None):
+      needs, pad_to):
     return tuple(t.new_empty(t.shape if n else (0,)) for t, n in zip((x, weights, gate_up, down), needs, strict=True))
 
 

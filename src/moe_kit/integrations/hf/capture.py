@@ -139,7 +139,7 @@ def check_recordable(model: nn.Module, name: str, block: nn.Module, router_attr:
             if module is not router:
                 raise ValueError(f"{what}; the converted layer has no such module")
             if spec.index != 0:
-                raise ValueError(f"{what} (output {spec.index}); the converted layer gives the router logits (output 0)")
+                raise ValueError(f"{what} (output {spec.index}); a converted layer gives its router logits (output 0)")
             if not matches(spec, router, f"{hook_name}.gate.{RECORDER}"):
                 raise ValueError(f"{what} by its path {path!r}; the converted layer's recorder is not at that path")
 

@@ -25,8 +25,18 @@ from torch import nn
 
 from moe_kit.activations import act_fn
 from moe_kit.config import MoEConfig
+from moe_kit.integrations.hf.capture import RECORDER, check_recordable, recorder_for, rehook
+from moe_kit.integrations.hf.converted import ConvertedMoELayer
 from moe_kit.integrations.hf.layout import experts_activation, is_hf_experts
-from moe_kit.integrations.hf.specs import BlockSpec, check_block, probe_routing, router_top_k, spec_of, state_keys
+from moe_kit.integrations.hf.specs import (
+    BlockSpec,
+    check_block,
+    probe_routing,
+    router_logits_dtype,
+    router_top_k,
+    spec_of,
+    state_keys,
+)
 from moe_kit.integrations.upcycle import activation_of
 from moe_kit.layer import MoELayer
 from moe_kit.ops import moe_ffn
@@ -48,14 +58,31 @@ class HFOrigin:
     layer_idx: int | None
 
 
-def convert(model: nn.Module, **overrides) -> list[str]:
+def convert(model: nn.Module, *, both_aux_losses: bool = False, **overrides) -> list[str]:
     """Replace, in place, every transformers sparse-MoE block of `model` by an equivalent
-    MoELayer; return the converted module names.
+    MoELayer (a ConvertedMoELayer); return the converted module names.
 
     overrides: MoEConfig fields in OVERRIDABLE, applied to every converted layer, e.g.
     `convert(model, expert_bias=True, aux_loss_coef=1e-3)`. Fields fixed by the checkpoint's
     routing (e.g. expert_bias for DeepSeek) cannot be overridden. Nothing changes when any block
     fails a check (ValueError naming the module, its family and the problem).
+
+    Balancing losses, two ways (pick one):
+    - transformers' (`output_router_logits=True` in the config or the forward): the converted
+      layers return their router logits in transformers' format, so the model's own `aux_loss`,
+      and `loss` with labels (`+ router_aux_loss_coef * aux_loss`), equal the transformers
+      model's. One loss pooled over all L layers (padding left out by `attention_mask`), k times
+      moe_kit's value per layer.
+    - moe_kit's (`aux_loss_coef=...` here): one Switch loss per layer, attached to the backward,
+      with moe_kit's options (aux_loss_type, z-loss, expert bias). The per-layer router gradient
+      of transformers' loss with coefficient c is that of aux_loss_coef = c * k / L.
+    With `model.config.output_router_logits` set, asking for aux_loss_coef > 0 raises ValueError
+    (both would train the router); `both_aux_losses=True` allows it. A forward that asks for
+    router logits from layers converted with aux_loss_coef > 0 warns, unless both_aux_losses.
+
+    Mixtral / MiniMax `router_jitter_noise` is reproduced (ConvertedMoELayer.block_jitter_noise:
+    the router's and experts' input, in training); `jitter_eps` here is moe_kit's router-input-only
+    jitter (Switch / Megatron).
 
     Works on models built under torch.device("meta") (nothing reads the weights' values): the
     converted layers hold the meta parameters, and `model.load_state_dict(hf_state_dict,
@@ -63,31 +90,42 @@ def convert(model: nn.Module, **overrides) -> list[str]:
     and save_pretrained use the transformers key names (HFKeyNames), so a plain
     `from_pretrained` of the transformers class loads it exactly.
     """
-    return _convert(model, overrides)
+    return _convert(model, overrides, both_aux_losses=both_aux_losses)
 
 
-def _convert(model: nn.Module, overrides: dict, verified_only: bool = True) -> list[str]:
+def _convert(model: nn.Module, overrides: dict, verified_only: bool = True, both_aux_losses: bool = False) -> list[str]:
     bad = sorted(set(overrides) - set(OVERRIDABLE))
     if bad:
         raise ValueError(f"convert cannot override {bad}: they fix the converted function; choose from {OVERRIDABLE}")
     found = _find_blocks(model, verified_only)
+    if found and not both_aux_losses and _output_router_logits(model) and _has_aux_loss(overrides):
+        raise ValueError(
+            f"model.config.output_router_logits is set, so transformers adds its balancing loss to `loss`, and "
+            f"aux_loss_coef={overrides['aux_loss_coef']} would add moe_kit's per-layer loss too: set "
+            "model.config.output_router_logits = False to use moe_kit's, drop aux_loss_coef to keep transformers' "
+            "(its router_aux_loss_coef c acts per layer as aux_loss_coef = c * top_k / num_layers), or pass "
+            "both_aux_losses=True"
+        )
     layers = {}
     for name, (block, spec) in found.items():
         try:
-            layers[name] = _to_moe_layer(block, spec, _layer_idx(model, name), overrides)
+            check_recordable(model, name, block, spec.router)
+            layers[name] = _to_moe_layer(block, spec, _layer_idx(model, name), overrides, both_aux_losses)
         except ValueError as error:
             raise ValueError(f"{name} ({type(block).__name__}, {family(block)}): {error}") from None
     for name, layer in layers.items():
         _replace(model, name, layer)
-    config = getattr(model, "config", None)
-    if layers and getattr(config, "output_router_logits", False):
-        warnings.warn(
-            "converted MoELayers do not expose router logits to transformers: output_router_logits is set to "
-            "False; use moe_kit's own balancing (convert(model, aux_loss_coef=...) or expert_bias) instead",
-            stacklevel=2,
-        )
-        config.output_router_logits = False
+        rehook(model, name)  # transformers' capture hooks, when the model installed them already
     return list(layers)
+
+
+def _output_router_logits(model: nn.Module) -> bool:
+    return any(getattr(getattr(m, "config", None), "output_router_logits", False) is True for m in model.modules())
+
+
+def _has_aux_loss(overrides: dict) -> bool:
+    coef = overrides.get("aux_loss_coef", 0.0)
+    return any(c > 0 for c in (coef if isinstance(coef, (tuple, list)) else (coef,)))
 
 
 def convert_back(model: nn.Module) -> list[str]:
@@ -101,13 +139,15 @@ def convert_back(model: nn.Module) -> list[str]:
             restored[name] = _to_hf_block(layer, origin, name)
     for name, block in restored.items():
         _replace(model, name, block)
+        rehook(model, name)  # transformers' capture hooks, when the model installed them already
     return list(restored)
 
 
 # ----------------------------------------------------------------------------- one block each way
 
 
-def _to_moe_layer(block: nn.Module, spec: BlockSpec, layer_idx: int | None, overrides: dict) -> MoELayer:
+def _to_moe_layer(block: nn.Module, spec: BlockSpec, layer_idx: int | None, overrides: dict,
+                  both_aux_losses: bool = False) -> MoELayer:
     activation, limit = experts_activation(block.experts)
     if not layer_applies_activation(activation):
         raise ValueError(
@@ -115,7 +155,7 @@ def _to_moe_layer(block: nn.Module, spec: BlockSpec, layer_idx: int | None, over
             f"MoEConfig.activation={activation!r} yet (the experts implementation, register(), runs it)"
         )
     num_experts, two_i, hidden = block.experts.gate_up_proj.shape
-    check_block(block)
+    check_block(block, spec)
     routing = spec.routing(block) if spec.routing is not None else None
     if routing is None:
         routing = probe_routing(block, spec)
@@ -140,8 +180,10 @@ def _to_moe_layer(block: nn.Module, spec: BlockSpec, layer_idx: int | None, over
         **({} if activation == "silu" else {"activation": activation}),
         **{**routing, **overrides},
     )
+    jitter = float(getattr(block, spec.jitter) or 0.0) if spec.jitter else 0.0
     with torch.device("meta"):
-        layer = MoELayer(cfg, layer_id=layer_idx or 0)
+        layer = ConvertedMoELayer(cfg, layer_id=layer_idx or 0, block_jitter_noise=jitter,
+                                  logits_dtype=router_logits_dtype(block, spec), both_aux_losses=both_aux_losses)
     keys = state_keys(spec, block)  # {block key: MoELayer key}
     block_state = block.state_dict(keep_vars=True)
     kept = {hf: block_state[hf] for hf, moe in keys.items() if moe is None}  # e.g. LFM2's unused bias
@@ -152,6 +194,7 @@ def _to_moe_layer(block: nn.Module, spec: BlockSpec, layer_idx: int | None, over
               if moe is not None and block_state[hf].shape != layer_state[moe].shape}
     to_hf = {moe: hf for hf, moe in keys.items() if moe is not None}
     HFKeyNames(to_hf, integer, kept, list(block_state), shapes).attach(layer)
+    layer.gate.add_module(RECORDER, recorder_for(getattr(block, spec.router)))  # no state: see capture.py
     layer.train(block.training)
     layer._hf_origin = HFOrigin(type(block), block.experts.config, layer_idx)
     return layer
