@@ -319,7 +319,26 @@ def _part_ep_mask(rank: int) -> dict:
     return result
 
 
+GLOBAL_BATCH_CFG = dict(aux_loss_type="global_batch", aux_loss_coef=0.5)
+
+
+def _part_ddp_global_batch(rank: int) -> dict:
+    """DDP, aux_loss_type "global_batch": one step of MICRO micro-batches (no optimizer step)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    inner = build_net(make_cfg(**GLOBAL_BATCH_CFG))
+    ddp = DDP(inner)
+    moe_kit.set_aux_loss_scale(ddp, 1.0 / MICRO)
+    aux = {}
+    for m in range(MICRO):
+        x, ids, cot = micro_batch(0, rank, m)
+        ((ddp(x, ids) * cot).mean() / MICRO).backward()
+        aux[m] = [layer.stats.aux_loss for layer in (inner.moe0, inner.moe1)]
+    return dict(aux=aux, grads=grads_of(inner))
+
+
 PARTS = {
+    "ddp_global_batch": _part_ddp_global_batch,
     "ddp": _part_ddp,
     "ddp_no_sync": lambda rank: _part_ddp(rank, use_no_sync=True),
     "fsdp2": _part_fsdp2,
@@ -419,6 +438,49 @@ def test_fsdp2_meta_init_resets_every_buffer(spawned):
         assert torch.equal(state["tid2eid"], moe_kit.hash_table(VOCAB, E, K))
         assert torch.equal(state["bias"], torch.zeros(E)) and torch.equal(state["counts"], torch.zeros(E))
         assert state["finite"]
+
+
+def test_global_batch_aux_counts_every_rank_and_micro_batch(spawned):
+    """aux_loss_type "global_batch" under DDP: at micro-batch m, f counts the plain top-k of every
+    rank's micro-batches 0..m (all-reduced), P is the rank's own micro-batch; DDP's averaged
+    gradients equal a single process that attaches each (rank, micro) loss with that f."""
+    results = part_results(spawned, "ddp_global_batch")
+    net = build_net(make_cfg(**GLOBAL_BATCH_CFG)).eval()  # eval: the gates read the counts set below
+    layers = (net.moe0, net.moe1)
+    inputs = {}  # (layer, rank, micro) -> the layer's input, from a first pass
+    hooks = [layer.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__((i, *key), args[0].detach()))
+             for i, layer in enumerate(layers)]
+    for rank in range(WORLD):
+        for m in range(MICRO):
+            key = (rank, m)
+            x, ids, _ = micro_batch(0, rank, m)
+            with torch.no_grad():
+                net(x, ids)
+    for hook in hooks:
+        hook.remove()
+
+    def slots(i, rank, m):  # float64 [E + 1]: plain top-k counts, then the slot total
+        scores = torch.softmax(inputs[i, rank, m].reshape(-1, D) @ layers[i].gate.weight.detach().T, -1)
+        top = scores.topk(K, dim=-1).indices.reshape(-1)
+        return torch.cat([torch.bincount(top, minlength=E).double(), torch.tensor([float(top.numel())])])
+
+    moe_kit.set_aux_loss_scale(net, 1.0 / (MICRO * WORLD))
+    seen = [torch.zeros(E + 1, dtype=torch.float64) for _ in layers]
+    for m in range(MICRO):
+        for i in range(len(layers)):
+            seen[i] += sum(slots(i, rank, m) for rank in range(WORLD))
+        for rank in range(WORLD):
+            for i, layer in enumerate(layers):
+                layer.gate.global_batch_counts = seen[i].clone()
+            x, ids, cot = micro_batch(0, rank, m)
+            ((net(x, ids) * cot).mean() / (MICRO * WORLD)).backward()
+            want = [layer.stats.aux_loss for layer in layers]
+            assert results[rank]["aux"][m] == pytest.approx(want, rel=1e-5), (rank, m)
+    ref = grads_of(net)
+    for result in results:
+        for name, want in ref.items():
+            assert rel_err(result["grads"][name], want) <= FP32_TOL, name
+    assert ref["moe1.gate.weight"].norm() > 0
 
 
 def test_ddp_does_not_broadcast_expert_counts(spawned):

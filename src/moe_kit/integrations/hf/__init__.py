@@ -13,6 +13,11 @@ Three entry points:
   the transformers key names (a plain `from_pretrained` of the transformers class loads it
   exactly); `convert_back(model)` restores the transformers blocks. Both work on models built
   under torch.device("meta"): convert first, then load the weights.
+  The converted layers (ConvertedMoELayer) keep what the blocks did around their routers: with
+  `output_router_logits=True` the model returns transformers' router logits, so its own `aux_loss`
+  and `loss` are transformers' (see convert's docstring for moe_kit's per-layer loss instead, and
+  the coefficient mapping), and Mixtral / MiniMax `router_jitter_noise` jitters the layer input
+  in training as the block did.
 - `upcycle(model, num_experts, top_k)` turns a dense Llama / Mistral / Qwen2 / Qwen3 causal LM
   into the matching transformers MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE) with upcycled experts.
 
@@ -36,6 +41,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     ) from error
 
 from moe_kit.integrations.hf.convert import convert, convert_back
+from moe_kit.integrations.hf.converted import ConvertedMoELayer
 from moe_kit.integrations.hf.experts_bridge import moe_kit_experts_forward, register
 from moe_kit.integrations.hf.layout import experts_activation, experts_swiglu_limit
 from moe_kit.integrations.hf.specs import SPECS, VERIFIED, BlockSpec, is_moe_block
@@ -45,6 +51,7 @@ __all__ = [
     "register",
     "convert",
     "convert_back",
+    "ConvertedMoELayer",
     "moe_kit_experts_forward",
     "experts_swiglu_limit",
     "SPECS",
