@@ -22,7 +22,8 @@ def update_expert_bias(model: nn.Module, process_group=None) -> None:
     Sums every gate's `expert_counts` over `process_group` (the default group when
     torch.distributed is initialized and no group is given; no communication otherwise), then
     per gate: expert_bias += rate * sign(mean_load - load), clamped to +-bias_max, and resets the
-    counts. Every rank of the group must call it (it is a collective). It also starts a new step
+    counts. Every rank of the group must call it (it is a collective); with pipeline parallelism
+    pass the data-parallel group, since other stages hold other gates. It also starts a new step
     for aux_loss_type "global_batch": call it after every optimizer step when either is on.
     """
     for module in model.modules():
