@@ -21,6 +21,12 @@ def normalized_scores(scores: torch.Tensor) -> torch.Tensor:
     return scores / scores.sum(dim=-1, keepdim=True).clamp_min(SUM_FLOOR)
 
 
+def slot_weights(indices: torch.Tensor, token_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """[N*k] weight of each slot of indices [N, k] in dtype: 1 for a real token's slot, 0 for padding."""
+    ones = torch.ones(indices.numel(), dtype=dtype, device=indices.device)
+    return ones if token_mask is None else ones * token_mask.to(dtype).repeat_interleave(indices.shape[-1])
+
+
 def switch_aux_loss(
     scores: torch.Tensor,
     indices: torch.Tensor,

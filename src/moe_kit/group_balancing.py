@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moe_kit.balancing import normalized_scores, sequence_aux_losses
+from moe_kit.balancing import normalized_scores, sequence_aux_losses, slot_weights
 from moe_kit.config import MoEConfig
 
 
@@ -52,7 +52,7 @@ def group_balancing_losses(cfg: MoEConfig, scores, indices, logits, batch_shape,
         probs = normalized_scores(scores) * real.unsqueeze(1)  # [N_r, E]
         terms["probs"] = probs.sum(dim=0)  # [E]
         pieces["probs"] = terms["probs"].detach()
-        weight = real.unsqueeze(1).expand(indices.shape).reshape(-1)
+        weight = slot_weights(indices, token_mask, scores.dtype)
         pieces["slots"] = torch.zeros_like(pieces["probs"]).scatter_add_(0, indices.reshape(-1), weight)
     if want_z:
         terms["z"] = (torch.logsumexp(logits, dim=-1).square() * real).sum()

@@ -16,7 +16,7 @@ from moe_kit.config import MoEConfig
 from moe_kit.ep import check_same_config, ep_moe_ffn, expert_slice, local_experts
 from moe_kit.experts import GroupedExperts, SharedExpert
 from moe_kit.gates import ExpertChoiceGate, HashGate, SinkhornGate, TopKGate
-from moe_kit.gates.router import autocast_off, cast, flat_token_mask
+from moe_kit.gates.router import autocast_enabled, autocast_off, cast, flat_token_mask
 from moe_kit.ops import check_backend, dispatch
 from moe_kit.ops.capacity import capacity_of, decimal_ratio, over_capacity
 from moe_kit.stats import RoutingStats
@@ -100,13 +100,14 @@ class MoELayer(nn.Module):
         weights, indices = route(x, input_ids, gate_mask)
         dtype = compute_dtype(x)
         x_flat = cast(x.reshape(-1, self.cfg.hidden_size), dtype)  # [N, D]
+        marked = indices if mask is None else indices.masked_fill(~mask.unsqueeze(1), self.cfg.num_experts)
         with autocast_off(x.device.type):
             if x.is_meta:  # shapes only: no routing plan can be built from meta indices
-                routed, dropped = torch.zeros_like(x_flat), None
+                routed = torch.zeros_like(x_flat)
             elif self.ep_group is not None:
-                routed, dropped = self._routed_expert_parallel(x_flat, weights, indices, mask)
+                routed = self._routed_expert_parallel(x_flat, weights, marked, mask)
             else:
-                routed, dropped = self._routed_local(x_flat, weights, indices, mask, tuple(x.shape[:-1]))
+                routed = self._routed_local(x_flat, weights, marked, mask, tuple(x.shape[:-1]))
             out = routed
             if self.shared_experts is not None:
                 out = out + self.shared_experts(x_flat)
@@ -118,21 +119,18 @@ class MoELayer(nn.Module):
             return self.gate(x, input_ids, token_mask=token_mask)
         return self.gate(x, token_mask=token_mask)
 
-    def _routed_local(self, x_flat, weights, indices, mask, batch_shape):
-        """Routed experts on this process; padding and capacity overflow marked with id E."""
+    def _routed_local(self, x_flat, weights, marked, mask, batch_shape):
+        """Routed experts on this process; marked [N, k] holds id E for padding, capacity overflow
+        is marked here too."""
         num_experts = self.cfg.num_experts
-        marked = indices if mask is None else indices.masked_fill(~mask.unsqueeze(1), num_experts)
         dropped = pad_to = None
-        gate_marks = getattr(self.gate, "marks_unrouted", False)  # expert choice: E in indices, capacity applied
+        gate_marks = self.gate.marks_unrouted  # expert choice: E in indices, capacity applied by the gate
         if self.cfg.capacity_factor is not None and not gate_marks:
             num_real = x_flat.shape[0] if mask is None else mask.sum()  # real tokens only (a tensor: no sync)
             capacity = capacity_of(num_real * self.cfg.top_k, num_experts, self._capacity_ratio)
             ranking, policy = self._drop_ranking(weights, batch_shape)
-            if mask is not None:  # padding ranks last, so it never takes a real slot's place
-                ranking = ranking.masked_fill(~mask.repeat_interleave(self.cfg.top_k), float("-inf"))
-            over = over_capacity(ranking, marked.reshape(-1), num_experts, capacity, policy).view_as(indices)
-            if mask is not None:
-                over = over & mask.unsqueeze(1)
+            # padding already holds id E: it takes no expert's place and is never over capacity
+            over = over_capacity(ranking, marked.reshape(-1), num_experts, capacity, policy).view_as(marked)
             dropped = over.sum()
             marked = marked.masked_fill(over, num_experts)
             if self.cfg.pad_to_capacity:  # Megatron's moe_pad_expert_input_to_capacity: [E, C, .] GEMMs
@@ -146,12 +144,12 @@ class MoELayer(nn.Module):
             cast(self.experts.down_proj, dtype),
             self.cfg.backend,
             self.cfg.swiglu_limit,
-            has_dropped=marked is not indices or gate_marks,
+            has_dropped=mask is not None or dropped is not None or gate_marks,  # some ids may be E
             activation=self.cfg.activation,
             pad_to=pad_to,
         )
         self._remember(marked, dropped, mask)
-        return routed, dropped
+        return routed
 
     def _drop_ranking(self, weights: torch.Tensor, batch_shape) -> tuple[torch.Tensor, str]:
         """(priority [N*k], over_capacity policy): the routing weights under drop_policy "probs";
@@ -165,9 +163,9 @@ class MoELayer(nn.Module):
             return -order.to(torch.float64), "probs"  # highest priority = earliest (s, b)
         return weights.detach().reshape(-1), self.cfg.drop_policy
 
-    def _routed_expert_parallel(self, x_flat, weights, indices, mask):
-        """Routed experts across ep_group (capacity, if any, per expert over the group)."""
-        marked = indices if mask is None else indices.masked_fill(~mask.unsqueeze(1), self.cfg.num_experts)
+    def _routed_expert_parallel(self, x_flat, weights, marked, mask):
+        """Routed experts across ep_group (capacity, if any, per expert over the group); marked [N, k]
+        holds id E for padding."""
         dtype = x_flat.dtype
         result = ep_moe_ffn(
             x_flat,
@@ -178,12 +176,12 @@ class MoELayer(nn.Module):
             self.ep_group,
             self.cfg.backend,
             self.cfg.swiglu_limit,
-            None if getattr(self.gate, "marks_unrouted", False) else self.cfg.capacity_factor,
+            None if self.gate.marks_unrouted else self.cfg.capacity_factor,
             self.cfg.drop_policy,
             self.cfg.activation,
         )
         self._remember(marked, result.dropped, mask, load=result.load.detach(), slots=result.num_slots)
-        return result.out, result.dropped
+        return result.out
 
     def _remember(self, indices, dropped, mask, load=None, slots=None) -> None:
         """Keep references to the routing outcome (no work at decode sizes); `stats` counts only when read.
@@ -237,10 +235,9 @@ def make_gate(cfg: MoEConfig, layer_id: int = 0) -> nn.Module:
     """HashGate on hash layers, else the gate of cfg.routing (token_choice / expert_choice / sinkhorn)."""
     if cfg.uses_hash_gate(layer_id):
         return HashGate(cfg)
-    routing = getattr(cfg, "routing", "token_choice")
-    if routing == "expert_choice":
+    if cfg.routing == "expert_choice":
         return ExpertChoiceGate(cfg)
-    if routing == "sinkhorn":
+    if cfg.routing == "sinkhorn":
         return SinkhornGate(cfg)
     return TopKGate(cfg)
 
@@ -248,9 +245,4 @@ def make_gate(cfg: MoEConfig, layer_id: int = 0) -> nn.Module:
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the experts run in: autocast's for x's device when autocast is on, else x's."""
     device_type = x.device.type
-    available = getattr(torch.amp, "is_autocast_available", None)
-    if available is not None and not available(device_type):
-        return x.dtype
-    if device_type in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
+    return torch.get_autocast_dtype(device_type) if autocast_enabled(device_type) else x.dtype

@@ -112,7 +112,7 @@ def _check_indices(name: str, layer: MoELayer, x: torch.Tensor, indices) -> torc
         raise ValueError(f"replay_routing: layer {name!r}: recorded indices must be an integer tensor")
     num_tokens = x[..., 0].numel() if x.dim() else 0
     num_experts = layer.cfg.num_experts
-    marks = getattr(layer.gate, "marks_unrouted", False)
+    marks = layer.gate.marks_unrouted
     k_ok = indices.dim() == 2 and (indices.shape[1] >= 1 if marks else indices.shape[1] == layer.gate.top_k)
     if not k_ok or indices.shape[0] != num_tokens:
         want = f"[{num_tokens}, K]" if marks else f"[{num_tokens}, {layer.gate.top_k}]"

@@ -13,22 +13,35 @@ import math
 import torch
 from torch import nn
 
-from moe_kit.balancing import SUM_FLOOR, attach_loss, global_batch_aux_loss, is_recomputing, switch_aux_loss, z_loss
+from moe_kit.balancing import (
+    SUM_FLOOR,
+    attach_loss,
+    global_batch_aux_loss,
+    is_recomputing,
+    slot_weights,
+    switch_aux_loss,
+    z_loss,
+)
 from moe_kit.config import MoEConfig
 from moe_kit.gates.scores import routing_scores
 from moe_kit.group_balancing import group_balancing_losses
 from moe_kit.stats import score_entropy
 
 
-def autocast_off(device_type: str):
-    """A context that switches torch.autocast off for `device_type` while it is on (else a no-op,
-    which costs nothing at decode sizes; devices without autocast, such as meta, get the no-op)."""
+def autocast_enabled(device_type: str) -> bool:
+    """True when torch.autocast is on for `device_type` (False on devices without autocast, e.g. meta)."""
     available = getattr(torch.amp, "is_autocast_available", None)
     if available is not None and not available(device_type):
-        return contextlib.nullcontext()
+        return False
     if available is None and device_type not in ("cpu", "cuda", "xpu", "mps", "hpu"):
-        return contextlib.nullcontext()
-    if not torch.is_autocast_enabled(device_type):
+        return False
+    return torch.is_autocast_enabled(device_type)
+
+
+def autocast_off(device_type: str):
+    """A context that switches torch.autocast off for `device_type` while it is on (else a no-op,
+    which costs nothing at decode sizes)."""
+    if not autocast_enabled(device_type):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, enabled=False)
 
@@ -68,6 +81,8 @@ class Router(nn.Module):
     the backward through the routing weights (times `loss_scale`); with "return" the differentiable
     total is kept in `balancing_term` for moe_kit.balancing_loss(model).
     """
+
+    marks_unrouted = False  # True for gates whose indices may hold E ("no expert"), e.g. expert choice
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
@@ -212,11 +227,9 @@ class Router(nn.Module):
         (after optimizer.step()) starts the next step. Eval forwards and activation-checkpoint
         recomputes read the counts without adding (a recompute must see the f of its forward).
         """
-        real = torch.ones_like(aux_indices, dtype=torch.float64)
-        if mask is not None:
-            real = real * mask.unsqueeze(1).to(real.dtype)
+        real = slot_weights(aux_indices, mask, torch.float64)
         counts = torch.zeros(self.num_experts + 1, dtype=torch.float64, device=aux_indices.device)
-        counts[: self.num_experts].scatter_add_(0, aux_indices.reshape(-1), real.reshape(-1))
+        counts[: self.num_experts].scatter_add_(0, aux_indices.reshape(-1), real)
         counts[self.num_experts] = real.sum()  # routed slots, for the denominator
         accumulate = self.training and (
             torch.compiler.is_compiling() or not (torch.is_inference_mode_enabled() or is_recomputing())

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_kit.balancing import is_recomputing
+from moe_kit.balancing import is_recomputing, slot_weights
 from moe_kit.config import MoEConfig
 from moe_kit.gates.router import Router
 
@@ -106,10 +106,8 @@ class TopKGate(Router):
         if self.expert_counts is None or not self.training or indices.is_meta:
             return
         counts = self.current_counts()
-        ones = torch.ones_like(indices, dtype=counts.dtype)
-        if mask is not None:
-            ones = ones * mask.unsqueeze(1).to(counts.dtype)
-        add_expert_counts(counts, indices.reshape(-1).to(counts.device), ones.reshape(-1).to(counts.device))
+        weight = slot_weights(indices, mask, counts.dtype)
+        add_expert_counts(counts, indices.reshape(-1).to(counts.device), weight.to(counts.device))
 
     def current_counts(self) -> torch.Tensor:
         """expert_counts [E] fp32, on the expert bias's device (recreated as zeros if it was left on
