@@ -9,18 +9,13 @@ some expert (checked below, not hoped for).
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-import sys
-import time
 import zlib
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import run_ranks
 
 import moe_kit
 from moe_kit import MoEConfig, MoELayer
@@ -34,7 +29,6 @@ from moe_kit.distributed import (
 
 D, INTER = 16, 12
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
-SPAWN_TIMEOUT_S = 240
 
 
 @dataclass(frozen=True)
@@ -161,51 +155,27 @@ def _run_dp_x_ep(rank: int) -> dict:
                 ep_rank=groups.ep_rank, dp_rank=groups.dp_rank)
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if sys.platform == "linux":
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+def _rank_results(rank: int, world: int) -> dict:
+    results = {name: _run_case(name, case, world, rank) for name, case in CASES.items()}
+    results["mixed-requires-grad"] = _run_case(
+        "softmax-k2-aux-z", CASES["softmax-k2-aux-z"], world, rank, requires_grad=rank == 0
+    )
     try:
-        results = {name: _run_case(name, case, world, rank) for name, case in CASES.items()}
-        results["mixed-requires-grad"] = _run_case(
-            "softmax-k2-aux-z", CASES["softmax-k2-aux-z"], world, rank, requires_grad=rank == 0
-        )
-        try:
-            MoELayer(MoEConfig(hidden_size=D, intermediate_size=INTER, num_experts=2 * world - 1, top_k=1),
-                     ep_group=dist.group.WORLD)
-            results["error"] = None
-        except ValueError as err:
-            results["error"] = str(err)
-        if world == 4:
-            results["dp-x-ep"] = _run_dp_x_ep(rank)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        MoELayer(MoEConfig(hidden_size=D, intermediate_size=INTER, num_experts=2 * world - 1, top_k=1),
+                 ep_group=dist.group.WORLD)
+        results["error"] = None
+    except ValueError as err:
+        results["error"] = str(err)
+    if world == 4:
+        results["dp-x-ep"] = _run_dp_x_ep(rank)
+    return results
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["2ranks", "4ranks"])
 def ranks(request, tmp_path_factory):
     """(world, [results of rank 0, 1, ...]) from one spawn of `world` gloo processes."""
     world = request.param
-    out_dir = str(tmp_path_factory.mktemp(f"ep{world}"))
-    context = mp.start_processes(
-        _worker, args=(world, _free_port(), out_dir), nprocs=world, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{world} ranks did not finish in {SPAWN_TIMEOUT_S} s (a collective hung?)")
-    return world, [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    return world, run_ranks(_rank_results, world, tmp_path_factory.mktemp(f"ep{world}"))
 
 
 # ----------------------------------------------------------------------------- the reference side

@@ -9,18 +9,15 @@ graph breaks, and expert choice over 2 gloo ranks.
 
 from __future__ import annotations
 
-import datetime
 import math
 import os
-import socket
 import sys
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo_ranks import run_ranks
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -618,7 +615,6 @@ def test_new_schemes_on_the_triton_backend_in_the_interpreter(tmp_path):
 # ============================================================================= expert parallel (gloo)
 
 EP_SIZES = (11, 6)  # tokens per rank
-SPAWN_TIMEOUT_S = 240
 
 
 def _ep_case(rank: int, world: int) -> dict:
@@ -632,33 +628,10 @@ def _ep_case(rank: int, world: int) -> dict:
     return dict(out=out, grad_x=grad_x, grads=grads, load=layer.stats.load)
 
 
-def _ep_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if sys.platform == "linux":
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
-    try:
-        torch.save(_ep_case(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_expert_choice_over_two_gloo_ranks_equals_one_process(tmp_path):
     """Each rank's experts choose among that rank's tokens: rank r equals one process holding
     every expert run on rank r's batch; expert gradients are the sum over the ranks' batches."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.start_processes(_ep_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("2 gloo ranks did not finish in time")
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    results = run_ranks(_ep_case, 2, tmp_path)
     full = make_layer(0, num_experts=4, routing="expert_choice", capacity_factor=1.5)
     expert_grads = {}
     load = torch.zeros(4, dtype=torch.long)

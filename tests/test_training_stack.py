@@ -17,20 +17,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import datetime
 import json
 import math
-import os
-import socket
-import sys
-import time
 import traceback
 import zlib
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import run_ranks
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -42,7 +37,6 @@ D, INTER, E, K, VOCAB = 8, 6, 4, 2, 32
 FP32_TOL = 2e-5  # fp32 vs fp32 through a different (but exact-in-math) path
 BF16_TOL = 3e-2  # bf16 compute vs the fp32 reference
 STEPS, MICRO, WORLD = 3, 3, 2
-SPAWN_TIMEOUT_S = 240
 
 
 def make_cfg(**overrides) -> MoEConfig:
@@ -349,45 +343,21 @@ PARTS = {
 }
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if sys.platform == "linux":
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+def _every_part(rank: int, world: int) -> dict:
     results = {}
-    try:
-        for name, part in PARTS.items():
-            try:
-                results[name] = part(rank)
-            except Exception:  # saved, so the test of this part fails with the rank's traceback
-                results[name] = dict(error=traceback.format_exc())
-            dist.barrier()
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for name, part in PARTS.items():
+        try:
+            results[name] = part(rank)
+        except Exception:  # saved, so the test of this part fails with the rank's traceback
+            results[name] = dict(error=traceback.format_exc())
+        dist.barrier()
+    return results
 
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
     """[results of rank 0, rank 1] from one spawn of 2 gloo processes running every part."""
-    out_dir = str(tmp_path_factory.mktemp("stack"))
-    context = mp.start_processes(
-        _worker, args=(WORLD, _free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{WORLD} ranks did not finish in {SPAWN_TIMEOUT_S} s (a collective hung?)")
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return run_ranks(_every_part, WORLD, tmp_path_factory.mktemp("stack"), collective_timeout_s=60)
 
 
 def part_results(spawned, name: str) -> list[dict]:
