@@ -147,6 +147,19 @@ def test_invalid_config_raises_naming_field(overrides, field):
         pytest.param(dict(router_dtype=torch.float64), id="router-fp64"),
         pytest.param(dict(backend="loop"), id="backend-loop"),
         pytest.param(dict(backend="triton"), id="backend-triton-config-ok"),
+        pytest.param(dict(loss_mode="return"), id="loss_mode-return"),
+        pytest.param(dict(aux_loss_type="global_batch", aux_loss_coef=1e-2), id="global_batch"),
+        pytest.param(dict(drop_policy="position", capacity_factor=1.0), id="drop-position"),
+        pytest.param(dict(pad_to_capacity=True, capacity_factor=1.25), id="pad-to-capacity"),
+        pytest.param(dict(jitter_eps=0.01), id="jitter"),
+        pytest.param(dict(jitter_eps=0.999), id="jitter-near-1"),
+        pytest.param(dict(router_bias=True), id="router_bias"),
+        pytest.param(dict(routing="expert_choice", capacity_factor=2.0), id="expert_choice"),
+        pytest.param(dict(routing="sinkhorn"), id="sinkhorn"),
+        pytest.param(dict(routing="sinkhorn", top_k=1), id="sinkhorn-k=1"),
+        pytest.param(dict(activation="gelu"), id="gelu"),
+        pytest.param(dict(activation="gelu_tanh"), id="gelu_tanh"),
+        pytest.param(dict(activation="relu"), id="relu"),
     ],
 )
 def test_valid_configs(overrides):
@@ -463,30 +476,6 @@ def test_required_int_none_names_field(field):
 def test_new_fields_invalid(overrides, field):
     with pytest.raises(ValueError, match=field):
         make(**overrides)
-
-
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        pytest.param(dict(loss_mode="return"), id="loss_mode-return"),
-        pytest.param(dict(aux_loss_type="global_batch", aux_loss_coef=1e-2), id="global_batch"),
-        pytest.param(dict(drop_policy="position", capacity_factor=1.0), id="drop-position"),
-        pytest.param(dict(pad_to_capacity=True, capacity_factor=1.25), id="pad-to-capacity"),
-        pytest.param(dict(jitter_eps=0.01), id="jitter"),
-        pytest.param(dict(jitter_eps=0.999), id="jitter-near-1"),
-        pytest.param(dict(router_bias=True), id="router_bias"),
-        pytest.param(dict(routing="expert_choice", capacity_factor=2.0), id="expert_choice"),
-        pytest.param(dict(routing="sinkhorn"), id="sinkhorn"),
-        pytest.param(dict(routing="sinkhorn", top_k=1), id="sinkhorn-k=1"),
-        pytest.param(dict(activation="gelu"), id="gelu"),
-        pytest.param(dict(activation="gelu_tanh"), id="gelu_tanh"),
-        pytest.param(dict(activation="relu"), id="relu"),
-    ],
-)
-def test_new_fields_valid(overrides):
-    cfg = make(**overrides)
-    for key, value in overrides.items():
-        assert getattr(cfg, key) == value
 
 
 def test_router_dtype_name_accepted():
