@@ -129,9 +129,9 @@ def _plan_gemm(plan: RoutingPlan, x: Tensor, gate_up: Tensor, down: Tensor) -> t
     return num_rows, GroupedGemm(plan, num_rows, use)
 
 
-def sorted_ffn_forward(x, weights, gate_up, down, plan, activation, limit, deterministic, save):
+def sorted_ffn_forward(x, weights, gate_up, down, plan, activation, limit, deterministic, save, planned=None):
     """-> (out [N, D], saved h [R, 2I] or None). save: "h" | "none" (recompute GEMM 1 in backward)."""
-    num_rows, gemm = _plan_gemm(plan, x, gate_up, down)
+    num_rows, gemm = planned or _plan_gemm(plan, x, gate_up, down)
     token = plan.token_of_row[:num_rows]
     w_rows = weights.reshape(-1).index_select(0, plan.slot_of_row[:num_rows]).to(x.dtype)  # [R]
     h = gemm.forward(x.index_select(0, token), gate_up)  # [R, 2I]; the gathered rows die here
@@ -147,14 +147,15 @@ def _scaled_gemm2(forward, act, down, w_rows):
     return forward(act, down).mul_(w_rows)
 
 
-def sorted_ffn_backward(grad_out, x, weights, gate_up, down, h, plan, activation, limit, deterministic, needs):
+def sorted_ffn_backward(grad_out, x, weights, gate_up, down, h, plan, activation, limit, deterministic, needs,
+                        planned=None):
     """grad_out [N, D] -> (d_x, d_weights, d_gate_up, d_down), None where `needs` is False.
 
     Order keeps few [R, .] buffers alive at once: d_down (needs act and grad_y) first, then dH,
     then d_x, and only then x[token] is gathered again for d_gate_up.
     """
     need_x, need_weights, need_gate_up, need_down = needs
-    num_rows, gemm = _plan_gemm(plan, x, gate_up, down)
+    num_rows, gemm = planned or _plan_gemm(plan, x, gate_up, down)
     token = plan.token_of_row[:num_rows]
     w_rows = weights.reshape(-1).index_select(0, plan.slot_of_row[:num_rows]).to(x.dtype).unsqueeze(1)  # [R, 1]
     if h is None:  # recompute="gemm1"
@@ -226,9 +227,11 @@ class _SortedExpertsFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, gate_up, down, plan, activation, limit, deterministic, save):
         gate_up, down = gate_up.contiguous(), down.contiguous()  # no-ops for parameters
-        out, h = sorted_ffn_forward(x, weights, gate_up, down, plan, activation, limit, deterministic, save)
+        planned = _plan_gemm(plan, x, gate_up, down)  # rows kept and GEMM layout: worked out once, for both passes
+        out, h = sorted_ffn_forward(x, weights, gate_up, down, plan, activation, limit, deterministic, save, planned)
         ctx.save_for_backward(x, weights, gate_up, down, h)
         ctx.plan, ctx.activation, ctx.limit, ctx.deterministic = plan, activation, limit, deterministic
+        ctx.planned = planned
         return out
 
     @staticmethod
@@ -236,7 +239,7 @@ class _SortedExpertsFFN(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weights, gate_up, down, h = ctx.saved_tensors
         grads = sorted_ffn_backward(grad_out, x, weights, gate_up, down, h, ctx.plan, ctx.activation, ctx.limit,
-                                    ctx.deterministic, ctx.needs_input_grad[:4])
+                                    ctx.deterministic, ctx.needs_input_grad[:4], ctx.planned)
         return (*grads, None, None, None, None, None)
 
 
