@@ -130,14 +130,18 @@ class Router(nn.Module):
 
     def _logits(self, x_flat: torch.Tensor) -> torch.Tensor:
         """[N, D] -> [N, E] logits in the router dtype, with jitter noise in training (cfg.jitter_eps)."""
+        x_router = cast(x_flat, self.cfg.router_dtype)
+        if self.training and self.cfg.jitter_eps > 0:  # Switch / Megatron: x * U(1 - eps, 1 + eps)
+            eps = self.cfg.jitter_eps
+            x_router = x_router * torch.empty_like(x_router).uniform_(1.0 - eps, 1.0 + eps)
+        return self.router_linear(x_router)
+
+    def router_linear(self, x_flat: torch.Tensor) -> torch.Tensor:
+        """[N, D] -> [N, E]: x W^T (+ bias) in the router dtype, outside autocast, no jitter."""
         dtype = self.cfg.router_dtype
         with autocast_off(x_flat.device.type):
-            x_router = cast(x_flat, dtype)
-            if self.training and self.cfg.jitter_eps > 0:  # Switch / Megatron: x * U(1 - eps, 1 + eps)
-                eps = self.cfg.jitter_eps
-                x_router = x_router * torch.empty_like(x_router).uniform_(1.0 - eps, 1.0 + eps)
             bias = None if self.bias is None else cast(self.bias, dtype)
-            return torch.nn.functional.linear(x_router, cast(self.weight, dtype), bias)
+            return torch.nn.functional.linear(cast(x_flat, dtype), cast(self.weight, dtype), bias)
 
     def _score(self, x: torch.Tensor, token_mask=None):
         """x [..., D] -> (scores [N, E], logits [N, E] in the router dtype, batch_shape, mask bool [N] or None)."""

@@ -22,10 +22,8 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torch.nn import functional as F
 
 from moe_kit.config import MoEConfig
-from moe_kit.gates.router import autocast_off
 from moe_kit.integrations.hf.capture import RECORDER, capture_active
 from moe_kit.layer import MoELayer
 
@@ -63,10 +61,7 @@ class ConvertedMoELayer(MoELayer):
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """[..., D] -> [N, E]: the router linear of x (the gate's logits without moe_kit's
         router-input jitter), in the dtype the transformers router returns."""
-        dtype = self.cfg.router_dtype
-        with autocast_off(x.device.type):
-            bias = None if self.gate.bias is None else self.gate.bias.to(dtype)
-            logits = F.linear(x.reshape(-1, self.cfg.hidden_size).to(dtype), self.gate.weight.to(dtype), bias)
+        logits = self.gate.router_linear(x.reshape(-1, self.cfg.hidden_size))
         return logits.to(self.logits_dtype or x.dtype)
 
     def _check_one_aux_loss(self) -> None:
