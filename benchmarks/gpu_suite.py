@@ -7,25 +7,37 @@ Needs one CUDA GPU (written for an H100 with torch >= 2.11 and triton >= 3.6). S
   correctness  moe_ffn on the triton backend in fp32 / bf16 / fp16 against the fp32 loop
                reference on the same (rounded) inputs: output and the four gradients (x, routing
                weights, gate_up_proj, down_proj), normwise ||a - b|| / ||b|| and, for the row-shaped
-               ones (out, d x), the worst row's error. A row passes when every normwise error is
-               within the dtype's tolerance, the worst row within ROW_FACTOR x that, and no error
-               above RATIO x the torch backend's error on the same inputs (plus a small floor):
-               the kernels may not be much less accurate than torch's own GEMMs
+               ones (out, d x), the worst row's error. Both per-token combines run: "triton" (the
+               CUDA default, deterministic: slot-order [S, D] buffer summed over k) and "triton
+               fused" (moe_ffn_triton(deterministic=False): atomic adds into an fp32 [N, D]
+               accumulator in the GEMM epilogue, no [S, D] buffer). A row passes when, for both,
+               every normwise error is within the dtype's tolerance, the worst row within
+               ROW_FACTOR x that, and no error above RATIO x the torch backend's error on the same
+               inputs (plus a small floor): the kernels may not be much less accurate than torch's
+               own GEMMs
   int64        one bf16 run with S*D and S*2I above 2**31 elements (S = N*k rows): the last
                tokens route to experts nobody else uses, so their outputs, input / routing-weight
                gradients AND those experts' gate_up / down gradients are checked against the
                loop reference on the last tokens alone (all four gradients)
-  determinism  the same layer forward + backward twice: bitwise equal outputs and gradients
-  host sync    the expert path forward + backward under torch.cuda.set_sync_debug_mode("error")
-  compile      torch.compile of the expert path (fullgraph) and of a MoELayer on the triton
-               backend, against eager; graph breaks of the layer counted by torch._dynamo.explain
+  determinism  the same layer forward + backward twice (the default, deterministic combine):
+               bitwise equal outputs and gradients
+  host sync    the expert path forward + backward under torch.cuda.set_sync_debug_mode("error"),
+               both combines
+  compile      torch.compile of the expert path (fullgraph, both combines) and of a MoELayer on
+               the triton backend, against eager; graph breaks of the layer counted by
+               torch._dynamo.explain
   benchmark    MoELayer forward (torch.no_grad) and forward + backward at the published layer
                shapes, bf16: moe_kit triton, moe_kit torch (grouped_mm), HF's eager per-expert
                loop (baselines.HFEagerMoEBlock), and the device's dense bf16 GEMM rate measured
                in the same run. Active FLOPs: forward 6*T*k*D*I, forward + backward 3x that.
+               "moe_kit triton fused" is the same layer with the fused combine (fused_combine()).
                Autotuning runs on the benchmarked shape itself (first untimed call; the autotune
                key buckets the row count); the peak memory is measured on a second untimed call,
                after tuning, so autotuning's scratch copies are not counted.
+  combine mem  per benchmark shape, the expert path alone (moe_ffn_triton, bf16): peak memory of
+               forward (no grad) and forward + backward with each combine, against the predicted
+               saving of the fused one, N*D*(k*es - 4) bytes per pass (es = 2 bytes: the [S, D]
+               buffer of x.dtype replaced by an fp32 [N, D] accumulator)
 When every check passes and triton is faster than torch at both shapes, flip
 moe_kit.ops.TRITON_GPU_SUITE_PASSED (backend="auto" then picks triton on CUDA) and commit the tables.
 Writes OUT/gpu_suite.json (all data) and OUT/gpu_suite.md (tables); exits 1 when a check fails.
@@ -35,8 +47,10 @@ Legend: T (= N) tokens, k experts per token, S = T*k rows, E experts, D model wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import functools
 import importlib.metadata
 import json
 import os
@@ -60,6 +74,7 @@ RATIO = 2.0  # triton's error may be at most this many times torch's on the same
 RATIO_FLOOR = {torch.float32: 1e-6, torch.bfloat16: 2e-3, torch.float16: 5e-4}  # ... or below this floor
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 GRADS = ("x", "weights", "gate_up", "down")
+TRITON_VARIANTS = ("triton", "triton_fused")  # the deterministic (default on CUDA) and the fused combine
 # (name, T, D, I, E, k, routing, swiglu_limit, drop every n-th slot)
 CORRECTNESS_CASES = [
     ("odd-sizes", 999, 1000, 360, 13, 3, "random", None, 0),
@@ -151,12 +166,48 @@ def make_inputs(tokens, hidden, inter, experts, top_k, mode, drop_every, device,
     return (x, weights, gate_up, down), indices
 
 
+def moe_ffn_fused(x, weights, indices, gate_up, down, limit=None, has_dropped=False):
+    """The triton backend with the fused (atomic, not deterministic) combine."""
+    from moe_kit.ops.triton import moe_ffn_triton  # imports triton
+
+    return moe_ffn_triton(x, weights, indices, gate_up, down, limit, has_dropped, deterministic=False)
+
+
+@contextlib.contextmanager
+def fused_combine():
+    """Inside: backend="triton" (dispatch, MoELayer) runs the fused combine. dispatch imports
+    moe_ffn_triton from the package at each call, so swapping the package attribute reaches it."""
+    import moe_kit.ops.triton as package
+
+    saved = package.moe_ffn_triton
+    package.moe_ffn_triton = functools.partial(saved, deterministic=False)
+    try:
+        yield
+    finally:
+        package.moe_ffn_triton = saved
+
+
+class FusedCombine(torch.nn.Module):
+    """`layer` (a MoELayer on the triton backend) run with the fused combine; shares its parameters."""
+
+    def __init__(self, layer: MoELayer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        with fused_combine():
+            return self.layer(x)
+
+
 def run_ffn(backend, tensors, indices, limit, has_dropped, grad_out):
-    """Output and the four gradients of moe_ffn on `backend` ("loop" = the reference)."""
+    """Output and the four gradients of moe_ffn on `backend` ("loop" = the reference,
+    "triton_fused" = the triton backend with the fused combine)."""
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
     x, weights, gate_up, down = leaves
     if backend == "loop":
         out = moe_ffn_loop(x, weights, indices, gate_up, down, limit)
+    elif backend == "triton_fused":
+        out = moe_ffn_fused(x, weights, indices, gate_up, down, limit, has_dropped)
     else:
         out = dispatch(x, weights, indices, gate_up, down, backend, limit, has_dropped=has_dropped)
     grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype), allow_unused=True)
@@ -176,20 +227,25 @@ def check_correctness(device) -> list[dict]:
             grad = grad_out.to(dtype)
             ref = run_ffn("loop", [t.float() for t in inputs], indices, limit, drop_every > 0, grad.float())
             errors, row_errors = {}, {}
-            for backend in ("triton", "torch"):
+            for backend in (*TRITON_VARIANTS, "torch"):
                 got = run_ffn(backend, inputs, indices, limit, drop_every > 0, grad)
                 errors[backend] = {what: rel_err(g, r) for what, g, r in zip(("out",) + GRADS, got, ref, strict=True)}
                 row_errors[backend] = {"out": row_err(got[0], ref[0]), "x": row_err(got[1], ref[1])}
-            worst = max(errors["triton"].values())
-            ok, reasons = judge(dtype, errors["triton"], errors["torch"], row_errors["triton"])
-            rows.append(dict(case=name, dtype=DTYPE_NAMES[dtype], T=tokens, D=hidden, I=inter, E=experts, k=top_k,
-                             triton=errors["triton"], torch=errors["torch"], triton_rows=row_errors["triton"],
-                             torch_rows=row_errors["torch"], worst=worst, tolerance=TOLERANCE[dtype], ok=ok,
-                             reasons=reasons))
+                del got
+            row = dict(case=name, dtype=DTYPE_NAMES[dtype], T=tokens, D=hidden, I=inter, E=experts, k=top_k,
+                       torch=errors["torch"], torch_rows=row_errors["torch"], tolerance=TOLERANCE[dtype], reasons=[])
+            for variant in TRITON_VARIANTS:
+                ok, reasons = judge(dtype, errors[variant], errors["torch"], row_errors[variant])
+                row[variant], row[variant + "_rows"] = errors[variant], row_errors[variant]
+                row[variant + "_worst"] = max(errors[variant].values())
+                row["reasons"] += [f"{variant}: {r}" for r in reasons]
+            row["worst"] = row["triton_worst"]
+            row["ok"] = not row["reasons"]
+            rows.append(row)
             worst_row = max(row_errors["triton"].values())
-            print(f"  {name:14s} {DTYPE_NAMES[dtype]}  triton worst {worst:.2e} (row {worst_row:.2e})"
-                  f"  torch worst {max(errors['torch'].values()):.2e}  {'ok' if ok else 'FAIL: ' + '; '.join(reasons)}",
-                  flush=True)
+            print(f"  {name:14s} {DTYPE_NAMES[dtype]}  triton worst {row['worst']:.2e} (row {worst_row:.2e})"
+                  f"  fused worst {row['triton_fused_worst']:.2e}  torch worst {max(errors['torch'].values()):.2e}  "
+                  f"{'ok' if row['ok'] else 'FAIL: ' + '; '.join(row['reasons'])}", flush=True)
         del masters, indices
         torch.cuda.empty_cache()
     return rows
@@ -257,16 +313,21 @@ def check_determinism(device) -> dict:
 
 
 def check_no_host_sync(device) -> dict:
-    """Forward + backward of the expert path (dropless and with dropped slots) under
+    """Forward + backward of the expert path (dropless and with dropped slots, each combine) under
     torch.cuda.set_sync_debug_mode("error"), after a warm-up call that autotunes."""
     result = {}
-    for has_dropped in (False, True):
+    for has_dropped, fused in ((False, False), (True, False), (False, True), (True, True)):
         masters, indices = make_inputs(4096, 1024, 512, 16, 4, "random", 7 if has_dropped else 0, device)
         leaves = [masters[0].bfloat16(), masters[1], masters[2].bfloat16(), masters[3].bfloat16()]
         leaves = [t.requires_grad_() for t in leaves]
+        name = ("dropped" if has_dropped else "dropless") + ("-fused" if fused else "")
 
-        def step(leaves=leaves, indices=indices, has_dropped=has_dropped):
-            out = dispatch(leaves[0], leaves[1], indices, leaves[2], leaves[3], "triton", None, has_dropped=has_dropped)
+        def step(leaves=leaves, indices=indices, has_dropped=has_dropped, fused=fused):
+            if fused:
+                out = moe_ffn_fused(leaves[0], leaves[1], indices, leaves[2], leaves[3], None, has_dropped)
+            else:
+                out = dispatch(leaves[0], leaves[1], indices, leaves[2], leaves[3], "triton", None,
+                               has_dropped=has_dropped)
             torch.autograd.grad(out, leaves, torch.ones_like(out))
 
         step()  # autotunes (which synchronizes) on first use
@@ -274,9 +335,9 @@ def check_no_host_sync(device) -> dict:
         torch.cuda.set_sync_debug_mode("error")
         try:
             step()
-            result["dropped" if has_dropped else "dropless"] = "no sync"
+            result[name] = "no sync"
         except RuntimeError as exc:
-            result["dropped" if has_dropped else "dropless"] = f"synchronized: {exc}"[:300]
+            result[name] = f"synchronized: {exc}"[:300]
         finally:
             torch.cuda.set_sync_debug_mode("default")
     result["ok"] = all(v == "no sync" for v in result.values())
@@ -301,6 +362,17 @@ def check_compile(device) -> dict:
         compiled = torch.compile(expert_path, fullgraph=True)
         eager_out = expert_path(*inputs[:2], indices, *inputs[2:])
         result["expert_path_err"] = rel_err(compiled(*inputs[:2], indices, *inputs[2:]), eager_out)
+        # the fused combine under Inductor: its autotuned atomic kernel must start from a zeroed
+        # accumulator (reset_to_zero), forward and d x alike
+        grad_fused = torch.randn_like(inputs[0])
+        compiled_fused = torch.compile(moe_ffn_fused, fullgraph=True)
+        fused = {}
+        for name, fn in (("eager", moe_ffn_fused), ("compiled", compiled_fused)):
+            leaves = [t.detach().clone().requires_grad_() for t in inputs]
+            out = fn(leaves[0], leaves[1], indices, leaves[2], leaves[3])
+            fused[name] = [out, *torch.autograd.grad(out, leaves, grad_fused)]
+        result["expert_path_fused_err"] = max(rel_err(a, b) for a, b in zip(fused["compiled"], fused["eager"],
+                                                                              strict=True))
         torch._dynamo.reset()
         explain = torch._dynamo.explain(layer)(x)
         result["layer_graph_breaks"] = explain.graph_break_count
@@ -310,7 +382,8 @@ def check_compile(device) -> dict:
         eager = layer_grads(layer, x, grad)
         got = layer_grads(compiled_layer, x, grad)
         result["layer_worst_err"] = max(rel_err(a, b) for a, b in zip(got, eager, strict=True))
-        result["ok"] = max(result["expert_path_err"], result["layer_worst_err"]) <= TOLERANCE[torch.bfloat16]
+        worst = max(result["expert_path_err"], result["expert_path_fused_err"], result["layer_worst_err"])
+        result["ok"] = worst <= TOLERANCE[torch.bfloat16]
     except Exception:  # record and go on: the benchmark still runs
         result["error"] = traceback.format_exc(limit=8)
         result["ok"] = False
@@ -342,8 +415,8 @@ def bench_shape(preset: str, tokens: int, device, repeats: int, warmup: int, den
     torch.manual_seed(0)
     with torch.device(device):
         layer = MoELayer(cfg).to(torch.bfloat16)
-    providers = {"moe_kit triton": layer, "moe_kit torch": sharing_layer(layer, "torch"),
-                 "hf eager loop": HFEagerMoEBlock(layer)}
+    providers = {"moe_kit triton": layer, "moe_kit triton fused": FusedCombine(layer),
+                 "moe_kit torch": sharing_layer(layer, "torch"), "hf eager loop": HFEagerMoEBlock(layer)}
     x = torch.randn(tokens, cfg.hidden_size, device=device, dtype=torch.bfloat16)
     grad = torch.randn_like(x)
     x_grad = x.clone().requires_grad_()
@@ -385,11 +458,64 @@ def bench_shape(preset: str, tokens: int, device, repeats: int, warmup: int, den
             if r["shape"] == preset and r["pass_"] == pass_name:
                 r["speedup_vs_torch"] = base["moe_kit torch"] / r["median_ms"]
                 r["speedup_vs_hf"] = base["hf eager loop"] / r["median_ms"]
-                print(f"  {preset:14s} {pass_name:7s} {r['provider']:15s} {r['median_ms']:9.3f} ms "
+                print(f"  {preset:14s} {pass_name:7s} {r['provider']:20s} {r['median_ms']:9.3f} ms "
                       f"{r['tflops']:7.1f} TFLOP/s ({100 * r['fraction_of_dense']:.0f}% of dense)  "
                       f"x{r['speedup_vs_torch']:.2f} vs torch  x{r['speedup_vs_hf']:.2f} vs hf", flush=True)
     del providers, layer
     torch.cuda.empty_cache()
+    return rows
+
+
+def combine_saving_bytes(tokens: int, hidden: int, top_k: int, element_size: int) -> int:
+    """Bytes the fused combine does not allocate, per pass (forward, or d x in the backward): the
+    slot-order buffer [S, D] of x.dtype, minus the fp32 [N, D] accumulator that replaces it (for
+    fp32 the accumulator is the output, which the deterministic path allocates as well)."""
+    if element_size == 4:
+        return tokens * top_k * hidden * 4
+    return tokens * hidden * (top_k * element_size - 4)
+
+
+def combine_memory(preset: str, tokens: int, device) -> list[dict]:
+    """Peak memory of the expert path alone (moe_ffn_triton, bf16) with each combine: forward
+    under no_grad and forward + backward, each measured after an untimed call that autotunes."""
+    from moe_kit.ops.triton import moe_ffn_triton
+
+    cfg = MoEConfig.preset(preset)
+    masters, indices = make_inputs(tokens, cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.top_k,
+                                   "random", 0, device)
+    inputs = [masters[0].bfloat16(), masters[1], masters[2].bfloat16(), masters[3].bfloat16()]
+    del masters
+    grad = torch.randn_like(inputs[0])
+    rows = []
+    for pass_name in ("fwd", "fwd+bwd"):
+        peak = {}
+        for combine, deterministic in (("slot-order", True), ("fused", False)):
+            def run(deterministic=deterministic, pass_name=pass_name):
+                if pass_name == "fwd":
+                    with torch.no_grad():
+                        return moe_ffn_triton(*inputs[:2], indices, *inputs[2:], deterministic=deterministic)
+                leaves = [t.detach().requires_grad_() for t in inputs]
+                out = moe_ffn_triton(leaves[0], leaves[1], indices, leaves[2], leaves[3],
+                                     deterministic=deterministic)
+                return torch.autograd.grad(out, leaves, grad)
+
+            run()
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            result = run()
+            torch.cuda.synchronize()
+            peak[combine] = torch.cuda.max_memory_allocated() - base
+            del result
+        predicted = combine_saving_bytes(tokens, cfg.hidden_size, cfg.top_k, 2)
+        rows.append(dict(shape=preset, T=tokens, D=cfg.hidden_size, I=cfg.intermediate_size, E=cfg.num_experts,
+                         k=cfg.top_k, pass_=pass_name, slot_order_peak_mib=peak["slot-order"] / 2**20,
+                         fused_peak_mib=peak["fused"] / 2**20, saved_mib=(peak["slot-order"] - peak["fused"]) / 2**20,
+                         predicted_per_pass_mib=predicted / 2**20))
+        r = rows[-1]
+        print(f"  {preset:14s} {pass_name:7s} peak above inputs: slot-order {r['slot_order_peak_mib']:.0f} MiB, "
+              f"fused {r['fused_peak_mib']:.0f} MiB (saved {r['saved_mib']:.0f} MiB; N*D*(k*es - 4) = "
+              f"{r['predicted_per_pass_mib']:.0f} MiB per pass)", flush=True)
     return rows
 
 
@@ -401,7 +527,8 @@ def autotuned_configs() -> dict:
     import moe_kit.ops.triton.weight_grad as wg
 
     kernels = dict(gemm1_swiglu=g1._gemm1_swiglu_kernel, scatter_gemm=sg._scatter_gemm_kernel,
-                   swiglu_backward=sb._swiglu_backward_kernel, weight_grad=wg._weight_grad_kernel)
+                   combine_gemm=sg._combine_gemm_kernel, swiglu_backward=sb._swiglu_backward_kernel,
+                   weight_grad=wg._weight_grad_kernel)
     return {name: {str(key): str(cfg) for key, cfg in getattr(k, "cache", {}).items()} for name, k in kernels.items()}
 
 
@@ -419,15 +546,19 @@ def markdown(data: dict) -> str:
                   f"{ROW_FACTOR:g} x the tolerance, and each error within {RATIO:g} x the torch backend's "
                   "(or a floor).",
                   "",
-                  "| case | dtype | out | d x | d weights | d gate_up | d down | worst row (out, d x) | torch worst | "
-                  "tolerance | ok |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "Errors of the default (deterministic) combine; the fused combine's worst error and worst "
+                  "row follow.",
+                  "",
+                  "| case | dtype | out | d x | d weights | d gate_up | d down | worst row (out, d x) | "
+                  "fused worst (row) | torch worst | tolerance | ok |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in data["correctness"]:
             e, rows_ = r["triton"], r["triton_rows"]
+            fused_row = max(r["triton_fused_rows"].values())
             verdict = "yes" if r["ok"] else "NO: " + "; ".join(r["reasons"])
             lines.append(f"| {r['case']} | {r['dtype']} | " + " | ".join(f"{e[w]:.1e}" for w in ("out",) + GRADS)
-                         + f" | {rows_['out']:.1e}, {rows_['x']:.1e} | {max(r['torch'].values()):.1e} | "
-                         f"{r['tolerance']:.0e} | {verdict} |")
+                         + f" | {rows_['out']:.1e}, {rows_['x']:.1e} | {r['triton_fused_worst']:.1e} "
+                         f"({fused_row:.1e}) | {max(r['torch'].values()):.1e} | {r['tolerance']:.0e} | {verdict} |")
         lines.append("")
     for key in ("int64", "determinism", "host_sync", "compile"):
         if key in data:
@@ -443,6 +574,14 @@ def markdown(data: dict) -> str:
             lines.append(f"| {r['shape']} T={r['T']} | {r['pass_']} | {r['provider']} | {r['median_ms']:.3f} | "
                          f"{r['tflops']:.1f} | {100 * r['fraction_of_dense']:.0f}% | x{r['speedup_vs_torch']:.2f} | "
                          f"x{r['speedup_vs_hf']:.2f} | {r['peak_gib']:.1f} |")
+        lines.append("")
+    if data.get("combine_memory"):
+        lines += ["## Combine memory (expert path, bf16; peak above the inputs)", "",
+                  "| shape | pass | slot-order MiB | fused MiB | saved MiB | N*D*(k*es - 4) per pass MiB |",
+                  "|---|---|---|---|---|---|"]
+        for r in data["combine_memory"]:
+            lines.append(f"| {r['shape']} T={r['T']} | {r['pass_']} | {r['slot_order_peak_mib']:.0f} | "
+                         f"{r['fused_peak_mib']:.0f} | {r['saved_mib']:.0f} | {r['predicted_per_pass_mib']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -487,10 +626,12 @@ def main(argv=None) -> int:
         data["dense_gemm"] = dense_gemm_tflops(device, repeats=args.repeats)
         print(f"  dense bf16 GEMM: {data['dense_gemm']['tflops']:.0f} TFLOP/s", flush=True)
         tokens = {"qwen3-30b-a3b": 16384, "mixtral-8x7b": 8192}
-        data["benchmark"] = []
+        data["benchmark"], data["combine_memory"] = [], []
         for preset in filter(None, args.shapes.split(",")):
             data["benchmark"] += bench_shape(preset, tokens.get(preset, 8192), device, args.repeats, args.warmup,
                                              data["dense_gemm"]["tflops"])
+            data["combine_memory"] += combine_memory(preset, tokens.get(preset, 8192), device)
+            torch.cuda.empty_cache()
     data["autotuned_configs"] = autotuned_configs()
     data["ok"] = bool(ok)
     os.makedirs(args.out, exist_ok=True)

@@ -8,8 +8,11 @@ imports triton and moe_kit.ops.triton with the variable set, then restores it: o
 modules still see it unset, and the `tk` fixture sets it again around these tests only. When
 another module imported triton first (or a GPU is present, whose triton must stay compiled),
 test_module_in_fresh_process reruns this file in a fresh interpreted process and the in-process
-tests skip. Errors are normwise: ||a - b|| / ||b||. Nothing here runs on a GPU:
-benchmarks/gpu_suite.py is the GPU check.
+tests skip. Errors are normwise: ||a - b|| / ||b||. Both per-token combines are tested: "fused"
+(deterministic=False, atomic adds in the GEMM epilogue; the default on CPU) and "slot-order"
+(deterministic=True, the [S, D] buffer; the default on CUDA). The interpreter runs atomics one
+after another, so only the GPU shows the fused combine's run-to-run differences. Nothing here
+runs on a GPU: benchmarks/gpu_suite.py is the GPU check.
 """
 
 from __future__ import annotations
@@ -140,16 +143,17 @@ def grads(out, leaves, seed=1):
     return [torch.zeros_like(t) if d is None else d for d, t in zip(got, leaves, strict=True)]
 
 
-def check_against_loop(tk, leaves, indices, limit=None, has_dropped=False):
+def check_against_loop(tk, leaves, indices, limit=None, has_dropped=False, deterministic=False):
     """Triton (fp32) output and all four gradients against moe_ffn_loop run in fp64 on the same
-    inputs, so the error measured is the kernels' own; returns the worst error.
+    inputs, so the error measured is the kernels' own; returns the worst error. deterministic
+    picks the combine: False the fused atomic one, True the slot-order buffer.
 
     Every tensor is judged normwise, ||a - b|| / ||b||, except the routing-weight gradient: each
     of its entries is one dot product <grad_out[n], y[n, j]> (y the slot's expert output), which
     can cancel to far below its terms (N = 1 gives a 1 x k vector of such sums), so its error is
     taken relative to the scale of those terms: ||a - b|| / ||(|grad_out[n]| * |y[n, j]|)||.
     """
-    out = tk.moe_ffn_triton(*leaves[:2], indices, *leaves[2:], limit, has_dropped)
+    out = tk.moe_ffn_triton(*leaves[:2], indices, *leaves[2:], limit, has_dropped, deterministic)
     exact = [t.detach().double().requires_grad_() for t in leaves]
     ref = moe_ffn_loop(*exact[:2], indices, *exact[2:], limit)
     worst = rel_err(out, ref)
@@ -281,6 +285,30 @@ def test_scatter_gemm_kernel(tk, transpose):
     assert rel_err(out, mod._reference(a, w_km, plan.expert_of_row, plan.slot_of_row, scale)) <= TOL
 
 
+@pytest.mark.parametrize("transpose", [True, False], ids=["gemm2-down", "dx-gate-up"])
+def test_combine_gemm_kernel(tk, transpose):
+    """The fused epilogue: rows summed per token in fp32, dropped slots (id E) adding nothing."""
+    from moe_kit.ops.routing import routing_plan
+    from moe_kit.ops.triton import scatter_gemm as mod
+    from moe_kit.ops.triton.schedule import tile_schedule
+
+    (_, w, gu, dn), ids = make_case(11, 4, 3, 37, 21, "dup", seed=3, drop_every=4)
+    plan = routing_plan(ids, 4, has_dropped=True)
+    table = tile_schedule(plan.counts, plan.offsets, ids.numel(), 16)
+    weight = (dn if transpose else gu).detach()
+    width_k = weight.shape[2] if transpose else weight.shape[1]
+    a = torch.randn(ids.numel(), width_k)
+    scale = w.detach().reshape(-1) if transpose else None
+    out = mod.combine_gemm(a, weight, transpose, plan.token_of_row, plan.slot_of_row, 11, table, 16, scale=scale)
+    w_km = weight.transpose(1, 2) if transpose else weight
+    ref = mod._combine_reference(a, w_km, plan.expert_of_row, plan.slot_of_row, plan.token_of_row, 11, scale)
+    assert out.shape == (11, w_km.shape[2]) and rel_err(out, ref) <= TOL
+    # 16-bit inputs still accumulate in fp32 (fp16 here: the interpreter's bf16 dot is unreliable)
+    half = mod.combine_gemm(a.half(), weight.half(), transpose, plan.token_of_row, plan.slot_of_row, 11,
+                            table, 16, scale=scale)
+    assert half.dtype == torch.float32 and rel_err(half, ref) <= 5e-3
+
+
 @pytest.mark.parametrize("limit", [None, 0.8], ids=["no-limit", "limit"])
 def test_swiglu_backward_kernel(tk, limit):
     from moe_kit.ops.triton import swiglu_backward as mod
@@ -365,12 +393,27 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_triton_matches_loop(tk, case):
+SLOT_ORDER_CASES = [c for c in CASES if c.id in ("N=0", "one-hot-expert", "repeated-expert", "swiglu-limit",
+                                                  "dropped-slots")]
+
+
+def _run_case(tk, case, deterministic):
     case = dict(case)
     limit, drop_every = case.pop("limit", None), case.pop("drop_every", 0)
     leaves, indices = make_case(**case, drop_every=drop_every)
-    check_against_loop(tk, leaves, indices, limit, has_dropped=drop_every > 0)
+    check_against_loop(tk, leaves, indices, limit, has_dropped=drop_every > 0, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_triton_matches_loop(tk, case):
+    """The fused atomic combine (deterministic=False) on every case."""
+    _run_case(tk, case, deterministic=False)
+
+
+@pytest.mark.parametrize("case", SLOT_ORDER_CASES)
+def test_slot_order_combine_matches_loop(tk, case):
+    """The deterministic slot-order combine on the edge cases (the kernels are shared otherwise)."""
+    _run_case(tk, case, deterministic=True)
 
 
 @HYP
@@ -383,11 +426,12 @@ def test_triton_matches_loop(tk, case):
     mode=st.sampled_from(["random", "subset", "one", "dup"]),
     limit=st.sampled_from([None, 0.7]),
     seed=st.integers(0, 2**16),
+    deterministic=st.booleans(),
 )
-def test_triton_matches_loop_hypothesis(tk, n, e, k_frac, d, i, mode, limit, seed):
+def test_triton_matches_loop_hypothesis(tk, n, e, k_frac, d, i, mode, limit, seed, deterministic):
     k = 1 + round(k_frac * (e - 1))  # 1..E
     leaves, indices = make_case(n, e, k, d, i, mode, seed)
-    check_against_loop(tk, leaves, indices, limit)
+    check_against_loop(tk, leaves, indices, limit, deterministic=deterministic)
 
 
 def test_strided_inputs_and_expanded_grad(tk):
@@ -404,13 +448,70 @@ def test_strided_inputs_and_expanded_grad(tk):
 
 
 def test_triton_is_deterministic(tk):
-    leaves, indices = make_case(17, 5, 3, 24, 16, "dup", seed=5)
+    """deterministic=True: bitwise equal outputs and gradients run to run (dropped slots included)."""
+    leaves, indices = make_case(17, 5, 3, 24, 16, "dup", seed=5, drop_every=5)
     runs = []
     for _ in range(2):
-        out = tk.moe_ffn_triton(*leaves[:2], indices, *leaves[2:], 0.9)
+        out = tk.moe_ffn_triton(*leaves[:2], indices, *leaves[2:], 0.9, True, deterministic=True)
         runs.append([out, *grads(out, leaves)])
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+def _allocations(run) -> list[int]:
+    """Bytes of every CPU allocation made while `run()` executes (autograd engine included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    return [ev.self_cpu_memory_usage for ev in prof.events() if ev.self_cpu_memory_usage > 0]
+
+
+@pytest.mark.parametrize("has_dropped", [False, True], ids=["dropless", "dropped"])
+def test_fused_combine_makes_no_slot_buffer(tk, has_dropped):
+    """deterministic=False: neither the forward nor the backward allocates an [S, D] buffer;
+    deterministic=True allocates it (y, then the d_x rows), so the probe sees what it looks for.
+    D = 64 > 2I = 16 and S*D differs from every other tensor's size."""
+    leaves, indices = make_case(8, 5, 4, 64, 8, drop_every=3 if has_dropped else 0)
+    slot_buffer = indices.numel() * 64 * 4  # S*D fp32 bytes
+
+    def step(deterministic):
+        def run():
+            out = tk.moe_ffn_triton(*leaves[:2], indices, *leaves[2:], None, has_dropped, deterministic)
+            torch.autograd.grad(out, leaves, torch.ones_like(out))
+        return run
+
+    assert _allocations(step(True)).count(slot_buffer) == 2  # forward y, backward d_x rows
+    assert slot_buffer not in _allocations(step(False))
+
+
+def test_combine_choice(tk, monkeypatch):
+    """None = slot order on CUDA, fused on CPU; torch.use_deterministic_algorithms forces slot order."""
+    from moe_kit.ops.triton import autograd
+    from moe_kit.ops.triton.scatter_gemm import scatter_gemm
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert tk.deterministic_combine(None, cuda) and not tk.deterministic_combine(None, cpu)
+    assert tk.deterministic_combine(True, cpu) and not tk.deterministic_combine(False, cuda)
+    calls = []
+    monkeypatch.setattr(autograd, "scatter_gemm", lambda *a, **kw: calls.append(1) or scatter_gemm(*a, **kw))
+    leaves, indices = make_case(7, 3, 2, 24, 16)
+    out = tk.moe_ffn_triton(*leaves[:2], indices, *leaves[2:])  # CPU default: fused
+    grads(out, leaves)
+    assert not calls
+    half = [t.detach().half() for t in leaves]  # k = 1 in 16 bits: slot order, it allocates less
+    tk.moe_ffn_triton(half[0], half[1][:, :1], indices[:, :1], *half[2:], deterministic=False)
+    assert len(calls) == 1
+    calls.clear()
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        assert tk.deterministic_combine(False, cpu)
+        out = tk.moe_ffn_triton(*leaves[:2], indices, *leaves[2:], deterministic=False)
+        grads(out, leaves)
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+    assert len(calls) == 2  # forward y and backward d_x went through the slot-order buffer
 
 
 def test_no_grad_forward(tk):
@@ -477,32 +578,38 @@ def test_layer_with_triton_backend(tk):
 # ----------------------------------------------------------------------------- torch.library / torch.compile
 
 
-def _op_args(tk, limit=0.9, has_dropped=False):
+def _op_args(tk, limit=0.9, has_dropped=False, deterministic=True):
     from moe_kit.ops.routing import routing_plan
     from moe_kit.ops.triton.schedule import tile_schedule
 
     leaves, indices = make_case(9, 3, 2, 24, 16, drop_every=4 if has_dropped else 0)
     plan = routing_plan(indices, 3, has_dropped)
     table = tile_schedule(plan.counts, plan.offsets, indices.numel(), 16)
-    return (*leaves, plan.token_of_row, plan.slot_of_row, plan.offsets, table, limit, 16, has_dropped, True)
+    return (*leaves, plan.token_of_row, plan.slot_of_row, plan.offsets, table, limit, 16, has_dropped, deterministic,
+            True)
 
 
-@pytest.mark.parametrize("has_dropped", [False, True], ids=["dropless", "dropped"])
-def test_opcheck_custom_ops(tk, has_dropped):
-    args = _op_args(tk, has_dropped=has_dropped)
+@pytest.mark.parametrize(("has_dropped", "deterministic"), [(False, False), (True, False), (True, True)],
+                         ids=["dropless-fused", "dropped-fused", "dropped-slot-order"])
+def test_opcheck_custom_ops(tk, has_dropped, deterministic):
+    args = _op_args(tk, has_dropped=has_dropped, deterministic=deterministic)
     torch.library.opcheck(torch.ops.moe_kit.routed_swiglu_fwd.default, args)
-    x, weights, gate_up, down, token, slot, offsets, table, limit, block_m, dropped, _ = args
+    x, weights, gate_up, down, token, slot, offsets, table, limit, block_m, dropped, det, _ = args
     with torch.no_grad():
         _, h = torch.ops.moe_kit.routed_swiglu_fwd(*args)
     grad_out = torch.randn_like(x)
     bwd_args = (grad_out, x.detach(), weights.detach(), gate_up.detach(), down.detach(), h, token, slot, offsets,
-                table, limit, block_m, dropped, True, True, True, True)
+                table, limit, block_m, dropped, det, True, True, True, True)
     torch.library.opcheck(torch.ops.moe_kit.routed_swiglu_bwd.default, bwd_args)
 
 
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_compiled_dispatch_has_no_graph_break(tk, compiler):
-    """fullgraph: the expert path (plan, schedule, custom ops, autograd) compiles as one graph.
+@pytest.mark.parametrize(("compiler", "deterministic_mode"),
+                         [("aot_eager", False), ("inductor", False), ("aot_eager", True)],
+                         ids=["aot_eager", "inductor", "aot_eager-use_deterministic_algorithms"])
+def test_compiled_dispatch_has_no_graph_break(tk, compiler, deterministic_mode):
+    """fullgraph: the expert path (plan, schedule, custom ops, autograd) compiles as one graph,
+    with the fused combine (the CPU default) and with the slot-order one that
+    torch.use_deterministic_algorithms(True) selects (read while tracing, guarded by dynamo).
 
     Under the interpreter the ops are opaque custom_ops, so Inductor compiles the torch code
     around them for the CPU; the triton_op path Inductor takes on a GPU is in the next test.
@@ -514,13 +621,18 @@ def test_compiled_dispatch_has_no_graph_break(tk, compiler):
     def expert_path(x, w, ids, gu, dn):
         return dispatch(x, w, ids, gu, dn, "triton", 0.9)
 
-    torch._dynamo.reset()
-    compiled = torch.compile(expert_path, backend=compiler, fullgraph=True)
-    out = compiled(*leaves[:2], indices, *leaves[2:])
-    eager = expert_path(*leaves[:2], indices, *leaves[2:])
-    assert rel_err(out, eager) <= TOL
-    for a, b in zip(grads(out, leaves), grads(eager, leaves), strict=True):
-        assert rel_err(a, b) <= TOL
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(deterministic_mode, warn_only=True)
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(expert_path, backend=compiler, fullgraph=True)
+        out = compiled(*leaves[:2], indices, *leaves[2:])
+        eager = expert_path(*leaves[:2], indices, *leaves[2:])
+        assert rel_err(out, eager) <= TOL
+        for a, b in zip(grads(out, leaves), grads(eager, leaves), strict=True):
+            assert rel_err(a, b) <= TOL
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
 
 
 def test_compiled_layer_expert_path_has_no_graph_break(tk):
@@ -546,12 +658,13 @@ from moe_kit.ops.triton.compat import INTERPRETED, _triton_op
 if INTERPRETED or _triton_op is None:
     print("SKIP: no torch.library.triton_op"); raise SystemExit
 # 1) the triton_op body is the fake implementation: shapes without launching a kernel
-with FakeTensorMode():
-    x = torch.randn(9, 24, requires_grad=True); w = torch.rand(9, 2, requires_grad=True)
-    gu = torch.randn(3, 32, 24, requires_grad=True); dn = torch.randn(3, 24, 16, requires_grad=True)
-    out = moe_ffn_triton(x, w, torch.randint(0, 3, (9, 2)), gu, dn, 0.5)
-    g = torch.autograd.grad(out.sum(), (x, w, gu, dn))
-assert out.shape == (9, 24) and [t.shape for t in g] == [x.shape, w.shape, gu.shape, dn.shape]
+for det in (False, True):
+    with FakeTensorMode():
+        x = torch.randn(9, 24, requires_grad=True); w = torch.rand(9, 2, requires_grad=True)
+        gu = torch.randn(3, 32, 24, requires_grad=True); dn = torch.randn(3, 24, 16, requires_grad=True)
+        out = moe_ffn_triton(x, w, torch.randint(0, 3, (9, 2)), gu, dn, 0.5, deterministic=det)
+        g = torch.autograd.grad(out.sum(), (x, w, gu, dn))
+    assert out.shape == (9, 24) and [t.shape for t in g] == [x.shape, w.shape, gu.shape, dn.shape]
 # 2) AOTAutograd (what torch.compile runs before Inductor) sees the kernels: a fake sm90 target
 #    lets torch read which arguments each kernel writes; the joint graph must split into fw/bw.
 try:
@@ -571,18 +684,22 @@ def partition(joint, inputs, **kw):
     raise Stop
 x = torch.randn(9, 24, requires_grad=True); w = torch.rand(9, 2, requires_grad=True)
 gu = torch.randn(3, 32, 24, requires_grad=True); dn = torch.randn(3, 24, 16, requires_grad=True)
-try:
-    aot_function(lambda *a: moe_ffn_triton(*a, 0.5), fw_compiler=lambda g, _: g, partition_fn=partition)(
-        x, w, torch.randint(0, 3, (9, 2)), gu, dn)
-except Stop:
-    pass
-kernels = {name: sum("triton_kernel_wrapper" in str(n.target) for n in gm.graph.nodes) for name, gm in graphs.items()}
-print("KERNELS", kernels["fw"], kernels["bw"])
+for det in (False, True):  # fused: the combine kernel's atomic adds must count as writes of its accumulator
+    graphs.clear()
+    try:
+        aot_function(lambda *a: moe_ffn_triton(*a, 0.5, deterministic=det), fw_compiler=lambda g, _: g,
+                     partition_fn=partition)(x, w, torch.randint(0, 3, (9, 2)), gu, dn)
+    except Stop:
+        pass
+    kernels = {name: sum("triton_kernel_wrapper" in str(n.target) for n in gm.graph.nodes)
+               for name, gm in graphs.items()}
+    print("KERNELS", "slot-order" if det else "fused", kernels["fw"], kernels["bw"])
 """
 
 
 def test_triton_op_path_traces_without_gpu(tk):
-    """The GPU path (triton_op, no interpreter) in a fresh process: fake shapes, fw/bw kernel graphs."""
+    """The GPU path (triton_op, no interpreter) in a fresh process, both combines: fake shapes,
+    fw/bw kernel graphs."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONWARNINGS"] = "ignore"
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_TRITON_OP_SCRIPT)], env=env, capture_output=True,
@@ -590,7 +707,8 @@ def test_triton_op_path_traces_without_gpu(tk):
     assert proc.returncode == 0, proc.stderr[-3000:]
     if "SKIP:" in proc.stdout:
         pytest.skip(proc.stdout.strip())
-    assert "KERNELS 2 4" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    for combine in ("fused", "slot-order"):
+        assert f"KERNELS {combine} 2 4" in proc.stdout, proc.stdout + proc.stderr[-3000:]
 
 
 _SM90_COMPILE_SCRIPT = r"""
@@ -620,6 +738,9 @@ VARIANTS = [  # (label, kernel, runtime arg types, constexprs as a launch specia
     ("scatter_gemm", sg._scatter_gemm_kernel, dict(a_ptr="*" + T, w_ptr="*" + T, slot_ptr="*i64",
      scale_ptr="*fp32", table_ptr="*i32", out_ptr="*" + T, K="i32", M="i32", stride_as="i32", stride_we="i32",
      stride_wm="i32", stride_os="i32"), dict(stride_ak=1, stride_wk=1, HAS_SCALE=True)),
+    ("combine_gemm", sg._combine_gemm_kernel, dict(a_ptr="*" + T, w_ptr="*" + T, token_ptr="*i64", slot_ptr="*i64",
+     scale_ptr="*fp32", table_ptr="*i32", out_ptr="*fp32", K="i32", M="i32", stride_as="i32", stride_we="i32",
+     stride_wm="i32", stride_on="i32"), dict(stride_ak=1, stride_wk=1, HAS_SCALE=True)),
     ("swiglu_backward", sb._swiglu_backward_kernel, dict(g_ptr="*" + T, w_ptr="*" + T, h_ptr="*" + T,
      token_ptr="*i64", slot_ptr="*i64", scale_ptr="*fp32", table_ptr="*i32", dh_ptr="*" + T, dw_ptr="*fp32",
      D="i32", INTER="i32", limit="fp32", stride_gn="i32", stride_we="i32", stride_wd="i32", stride_hs="i32",
@@ -634,7 +755,7 @@ VARIANTS = [  # (label, kernel, runtime arg types, constexprs as a launch specia
 SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 REGS = re.compile(r"Used (\d+) registers")
 triton.knobs.nvidia.dump_ptxas_log = True
-only = []
+only = sys.argv[1:]
 results = []
 for label, kernel, types, consts in VARIANTS:
     if only and label not in only:
@@ -662,7 +783,8 @@ print("RESULTS", json.dumps(results))
 
 
 def test_kernels_compile_for_sm90(tk, tmp_path):
-    """Every kernel (both weight-gradient uses) x every autotune config, bf16, BLOCK_M = 128 (the
+    """Every kernel (both GEMM 2 / dX epilogues, both weight-gradient uses) x every autotune config,
+    bf16 (the fused combine's accumulator fp32), BLOCK_M = 128 (the
     larger schedule block, the most registers), through Triton's compiler and bundled ptxas for
     sm_90 (H100) in a fresh process with an empty Triton cache (so ptxas runs and its -v log is
     read): a cubin comes out, every tl.dot lowers to wgmma, ptxas reports zero spill bytes, and the
@@ -695,8 +817,12 @@ def test_autotune_key_buckets_the_row_count(tk):
 
     assert [configs.rows_bucket(s) for s in (1, 1024, 1025, 60_000, 10**6)] == [1024, 1024, 8192, 65536, 2**31]
     for kernel in (gemm1_swiglu._gemm1_swiglu_kernel, scatter_gemm._scatter_gemm_kernel,
-                   swiglu_backward._swiglu_backward_kernel, weight_grad._weight_grad_kernel):
+                   scatter_gemm._combine_gemm_kernel, swiglu_backward._swiglu_backward_kernel,
+                   weight_grad._weight_grad_kernel):
         assert "ROWS_BUCKET" in kernel.keys, kernel.fn.__name__
+    # autotuning runs the atomic combine once per config: its accumulator is zeroed before each
+    # timed run and before the real one
+    assert scatter_gemm._combine_gemm_kernel.reset_to_zero == ["out_ptr"]
 
 
 # ----------------------------------------------------------------------------- configs
@@ -717,6 +843,6 @@ def test_config_pin_parsing(tk, monkeypatch):
     monkeypatch.delenv(configs.ENV_VAR)
     assert [c.kwargs["BLOCK_K"] for c in configs.weight_grad_configs()] == [16]  # interpreter default
     monkeypatch.delenv("TRITON_INTERPRET")
-    for kernel in ("gemm1_swiglu", "scatter_gemm", "swiglu_backward"):
+    for kernel in ("gemm1_swiglu", "scatter_gemm", "combine_gemm", "swiglu_backward"):
         assert len(configs.row_tiled_configs(kernel)) > 1
     assert configs.block_m(128 * 8, 8) == 128 and configs.block_m(128 * 8 - 1, 8) == 64

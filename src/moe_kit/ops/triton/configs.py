@@ -3,10 +3,11 @@
 Legend: S = N*k rows of the expert-sorted batch, E experts, D model width, I expert hidden width.
 
 Two kinds of kernel:
-- row-tiled kernels (GEMM 1, GEMM 2, the SwiGLU backward, dX) walk the tile schedule
-  (schedule.py), which is built for one BLOCK_M per forward; autotune picks BLOCK_N, BLOCK_K,
-  num_warps and num_stages only, keyed on the widths (D, I), BLOCK_M and the bucketed row count
-  ROWS_BUCKET = rows_bucket(S), so a config tuned at one size is not reused far from it;
+- row-tiled kernels (GEMM 1; GEMM 2 and dX, slot-order "scatter_gemm" or atomic "combine_gemm";
+  the SwiGLU backward) walk the tile schedule (schedule.py), which is built for one BLOCK_M per
+  forward; autotune picks BLOCK_N, BLOCK_K, num_warps and num_stages only, keyed on the widths
+  (D, I), BLOCK_M and the bucketed row count ROWS_BUCKET = rows_bucket(S), so a config tuned at
+  one size is not reused far from it;
 - the weight-gradient kernel owns one (expert, output tile) per program and autotunes all three
   tiles, keyed on its output shape and ROWS_BUCKET.
 
@@ -34,9 +35,12 @@ _MIN_DOT_TILE = 16  # tl.dot needs every tile dim >= 16
 # test_kernels_compile_for_sm90 checks it ahead of time, no GPU needed). Gathered rows keep a
 # [BM, BK] pointer tile live, so GEMM 1 (two accumulators) and the SwiGLU backward (many live
 # epilogue tiles) need BLOCK_N = 32 or 8 warps; wider configs spilled 0.3-7 KB and were dropped.
+# combine_gemm (the atomic epilogue) takes scatter_gemm's list: with its adds issued in two column
+# halves BLOCK_N = 128 does not spill (a single [128, 128] add spilled 436 B).
 _ROW_TILED = {
     "gemm1_swiglu": ((32, 64, 8, 4), (32, 64, 8, 3), (32, 32, 8, 3), (32, 32, 4, 4)),
     "scatter_gemm": ((128, 32, 8, 4), (64, 32, 8, 3), (64, 32, 8, 4), (64, 64, 8, 3), (32, 32, 4, 4)),
+    "combine_gemm": ((128, 32, 8, 4), (64, 32, 8, 3), (64, 32, 8, 4), (64, 64, 8, 3), (32, 32, 4, 4)),
     "swiglu_backward": ((32, 64, 8, 4), (32, 32, 8, 3), (32, 64, 8, 3), (32, 32, 8, 4)),
 }
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the per-expert weight-gradient reduction,
