@@ -161,6 +161,47 @@ class HFExperts(HFEagerLoop):
                        swiglu_limit=self.swiglu_limit)
 
 
+def hf_block_matches(cfg: MoEConfig, layer_id: int = 0) -> bool:
+    """True when transformers' own Qwen3-MoE sparse block computes the config's layer: HF's router
+    (hf_router_matches), SwiGLU experts without clamp or biases, no shared experts, no router bias."""
+    return (
+        hf_router_matches(cfg, layer_id) and cfg.num_shared_experts == 0 and cfg.swiglu_limit is None
+        and cfg.activation == "silu" and not cfg.router_bias and not getattr(cfg, "expert_proj_bias", False)
+    )
+
+
+class HFBlock(nn.Module):
+    """transformers' own Qwen3MoeSparseMoeBlock -- its router module, and its experts module
+    dispatching through @use_experts_implementation to `impl` ("grouped_mm", the transformers 5.x
+    default, "batched_mm", "eager", or "moe_kit" once moe_kit.integrations.hf.register() ran) --
+    holding a MoELayer's own Parameter objects: exactly the module an HF Qwen3-MoE model runs per
+    layer (Mixtral's block computes the same; see hf_block_matches), with its module calls and
+    dispatch. forward(x [..., D], input_ids=None) -> [..., D]."""
+
+    def __init__(self, layer: MoELayer, impl: str = "grouped_mm"):
+        super().__init__()
+        from transformers import Qwen3MoeConfig
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+        cfg = layer.cfg
+        if not hf_block_matches(cfg, layer.layer_id):
+            raise ValueError("HFBlock needs a Qwen3-MoE-shaped config (see hf_block_matches)")
+        hf_cfg = Qwen3MoeConfig(hidden_size=cfg.hidden_size, moe_intermediate_size=cfg.intermediate_size,
+                                num_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k,
+                                norm_topk_prob=bool(cfg.norm_topk_prob), hidden_act="silu")
+        hf_cfg._experts_implementation = impl
+        with torch.device("meta"):  # no memory: its parameters are the layer's, set right below
+            block = Qwen3MoeSparseMoeBlock(hf_cfg)
+        block.gate.weight = layer.gate.weight
+        block.experts.gate_up_proj = layer.experts.gate_up_proj
+        block.experts.down_proj = layer.experts.down_proj
+        self.block = block
+
+    def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        shape = hidden_states.shape
+        return self.block(hidden_states.reshape(1, -1, shape[-1])).reshape(shape)
+
+
 def batched_mm_bytes(cfg: MoEConfig, tokens: int, element_size: int = 4) -> int:
     """Bytes of the per-slot weight copies HF's batched_mm makes (gate_up and down of N*k slots)."""
     return tokens * cfg.top_k * 3 * cfg.intermediate_size * cfg.hidden_size * element_size

@@ -7,14 +7,16 @@ implementation), batched_mm and eager loop, and an equal-FLOP dense MLP, from de
 
 Providers share one MoELayer's router and weights (softmax top-k, renormalized, as Qwen3-MoE):
   moe_kit            the MoELayer, torch backend (gate + experts)
-  hf_router+moe_kit_experts  HF's router + moe_kit.ops.moe_ffn: what an HF model runs with
-                     experts_implementation="moe_kit"; against hf_grouped_mm it compares the experts alone
-  hf_grouped_mm      HF's router + transformers.integrations.moe.grouped_mm_experts_forward
-  hf_batched_mm      ... + batched_mm_experts_forward (skipped where its per-slot weight copies
-                     exceed --batched-mm-limit-gib)
-  hf_eager           HF's eager per-expert loop (baselines.HFEagerLoop)
+  hf_block+moe_kit_experts  transformers' Qwen3MoeSparseMoeBlock with experts_implementation="moe_kit"
+                     (moe_kit.integrations.hf): HF's router and module calls, moe_kit's experts;
+                     against hf_grouped_mm it compares the experts implementations alone
+  hf_grouped_mm      transformers' Qwen3MoeSparseMoeBlock with its default experts implementation,
+                     grouped_mm (baselines.HFBlock: the module an HF Qwen3-MoE model runs per layer)
+  hf_batched_mm      ... with batched_mm (skipped where its per-slot weight copies exceed
+                     --batched-mm-limit-gib)
+  hf_eager           ... with HF's eager per-expert loop
   dense              one SwiGLU MLP of width k*I: the same active expert FLOPs
-`fwd` is forward only under torch.no_grad (inference, decode sizes); `fwdbwd` is forward +
+`fwd` is forward only in eval mode under torch.no_grad (inference, decode sizes); `fwdbwd` is forward +
 backward into the input and every weight. Before timing each token count, every MoE provider's
 output (and input gradient for fwdbwd) is checked against moe_kit's loop reference. Timing is
 interleaved round by round (benchmarks/timing.py); medians with min-max. Progress goes to stderr;
@@ -32,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import moe_bench  # noqa: E402
-from baselines import HFExperts, batched_mm_bytes  # noqa: E402
+from baselines import HFBlock, batched_mm_bytes  # noqa: E402
 
 from moe_kit import MoEConfig, MoELayer  # noqa: E402
 
@@ -52,7 +54,7 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--hf", default="grouped_mm,batched_mm,eager", help="HF providers to include")
     parser.add_argument("--batched-mm-limit-gib", type=float, default=1.0)
-    parser.add_argument("--no-experts-row", action="store_true", help="leave out hf_router+moe_kit_experts")
+    parser.add_argument("--no-experts-row", action="store_true", help="leave out hf_block+moe_kit_experts")
     parser.add_argument("--out", default=None, help="write results.json and results.md here")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -98,8 +100,11 @@ def main(argv=None) -> dict:
     hf = tuple(name.strip() for name in args.hf.split(",") if name.strip())
     everyone = moe_bench.make_providers(layer, ["torch"], hf)
     everyone = {("moe_kit" if name == "moe_kit_torch" else name): module for name, module in everyone.items()}
-    if not args.no_experts_row:  # HF's router + moe_kit's experts: the experts alone, gate overhead aside
-        everyone = {"moe_kit": everyone.pop("moe_kit"), "hf_router+moe_kit_experts": HFExperts(layer, "moe_kit"),
+    if not args.no_experts_row:  # HF's block on moe_kit's experts: the experts alone, router aside
+        from moe_kit.integrations import hf as moe_kit_hf
+
+        moe_kit_hf.register()
+        everyone = {"moe_kit": everyone.pop("moe_kit"), "hf_block+moe_kit_experts": HFBlock(layer, "moe_kit"),
                     **everyone}
     env = moe_bench.environment(torch.device("cpu"), torch.float32, list(argv or sys.argv[1:]))
     env["command"] = env["command"].replace("moe_bench.py", "cpu_layer.py")

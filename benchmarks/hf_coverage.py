@@ -5,7 +5,7 @@
 For every model family whose modeling file uses `@use_experts_implementation`, a tiny causal LM is
 built from the family's config class (sizes shrunk by name: hidden 32, 8 experts, k 2, 2 layers,
 ...; families whose config does not build that way are listed with the error), in fp32 train mode
-with decisive routers (router std 0.4, experts std 0.25, random expert bias). Then:
+with decisive routers (router std 0.4, experts std 0.25 and their biases too, random expert bias). Then:
 - experts implementation: `hf.register(model)` (experts on moe_kit, transformers' router);
 - convert: `hf.convert(model)` (the whole block a MoELayer), whose state_dict must list the same
   keys, shapes and dtypes as transformers' (what save_pretrained writes); convert_back restores the
@@ -112,6 +112,9 @@ def strengthen(model):
         if isinstance(getattr(module, "gate_up_proj", None), torch.nn.Parameter):
             module.gate_up_proj.normal_(0.0, 0.25)
             module.down_proj.normal_(0.0, 0.25)
+            for attr in ("gate_up_proj_bias", "down_proj_bias"):  # gpt-oss: transformers starts them at zero
+                if isinstance(getattr(module, attr, None), torch.nn.Parameter):
+                    getattr(module, attr).normal_(0.0, 0.25)
         if name.endswith(("mlp.gate", "mlp.router", "moe.gate", "block_sparse_moe.gate")):
             for p in module.parameters():
                 if p.dim() == 2:

@@ -8,13 +8,15 @@
 Providers, all on the same weights (one MoELayer built from the preset; --scale shrinks its
 hidden and intermediate sizes so big presets fit a CPU):
   moe_kit_<backend>  the whole MoELayer (gate, dispatch, experts, shared experts) on that backend
-  hf_eager           HuggingFace's eager per-expert loop (baselines.HFEagerLoop): HF's own
-                     softmax router for Mixtral / Qwen3-MoE, the layer's gate output for routing
-                     HF's eager block lacks (sigmoid, sqrtsoftplus, groups, bias, hash, scaling)
-  hf_grouped_mm      the same routing, experts by transformers' `grouped_mm` implementation
-                     (transformers.integrations.moe; the 5.x default experts implementation)
+  hf_grouped_mm      transformers' own Qwen3MoeSparseMoeBlock (router module + experts module) with
+                     the `grouped_mm` experts implementation (the 5.x default) on the layer's
+                     parameters, where that block computes the layer (Mixtral / Qwen3-MoE-shaped
+                     routing, baselines.HFBlock); otherwise HF's softmax-free routing is missing, so
+                     the layer's gate output feeds transformers' grouped_mm function (baselines.HFExperts)
   hf_batched_mm      the same with transformers' `batched_mm` (per-slot weight copies; skipped at
                      token counts where those copies exceed --batched-mm-limit-gib)
+  hf_eager           the same with HF's eager per-expert loop (baselines.HFEagerLoop when the block
+                     does not apply)
   dense              one SwiGLU MLP of width k*I + shared width: the same active expert FLOPs
 On CUDA the device's dense GEMM rate (one square matmul, --gemm-size) is recorded too.
 
@@ -25,7 +27,7 @@ moe_ffn(..., backend="loop"), plus the shared experts; a normwise relative error
 (fp32) or 2e-2 (bf16 / fp16) raises OutputMismatch.
 
 Timing: providers interleaved round by round (benchmarks/timing.py), `--warmup` rounds then
-`--repeats`; median and min / max / quartiles kept. fwd runs under torch.no_grad (inference);
+`--repeats`; median and min / max / quartiles kept. fwd runs in eval mode under torch.no_grad (inference);
 fwdbwd is forward + backward into the input and every weight. FLOPs count the expert GEMMs
 only (6*N*k*D*I forward, plus 6*N*D*I_shared; backward twice the forward); the router is not
 counted. Writes DIR/results.json ({"environment", "config", "rows"}), DIR/results.md, DIR/results.png.
@@ -50,7 +52,16 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from baselines import HF_IMPLEMENTATIONS, DenseSwiGLU, HFEagerLoop, HFExperts, batched_mm_bytes, hf_router_matches  # noqa: E402,E501
+from baselines import (  # noqa: E402
+    HF_IMPLEMENTATIONS,
+    DenseSwiGLU,
+    HFBlock,
+    HFEagerLoop,
+    HFExperts,
+    batched_mm_bytes,
+    hf_block_matches,
+    hf_router_matches,
+)
 from timing import time_interleaved  # noqa: E402
 
 import moe_kit  # noqa: E402
@@ -115,11 +126,14 @@ def make_providers(layer: MoELayer, backends: list[str], hf: tuple[str, ...] = (
     for backend in backends:
         wrapper = layer if backend == cfg.backend else _sharing(layer, backend)
         providers[f"moe_kit_{backend}"] = wrapper
+    # transformers' own block where it computes this layer (Qwen3-MoE / Mixtral-shaped routing),
+    # else HF's experts functions behind moe_kit's routing (see baselines)
+    real = importlib.util.find_spec("transformers") is not None and hf_block_matches(cfg, layer.layer_id)
     if "eager" in hf:
-        providers["hf_eager"] = HFEagerLoop(layer)
+        providers["hf_eager"] = HFBlock(layer, "eager") if real else HFEagerLoop(layer)
     for impl in HF_IMPLEMENTATIONS:
         if impl in hf and importlib.util.find_spec("transformers") is not None:
-            providers[f"hf_{impl}"] = HFExperts(layer, impl)
+            providers[f"hf_{impl}"] = HFBlock(layer, impl) if real else HFExperts(layer, impl)
     width = cfg.top_k * cfg.intermediate_size + (cfg.shared_intermediate_size if cfg.num_shared_experts else 0)
     weight = layer.experts.gate_up_proj
     with torch.device(weight.device), _default_dtype(weight.dtype):
@@ -210,7 +224,9 @@ def expert_flops(cfg: MoEConfig, tokens: int, pass_: str) -> float:
 
 
 def timed_call(module: nn.Module, x: torch.Tensor, input_ids, grad_out, pass_: str):
-    """A no-argument function running one `pass_` of `module`."""
+    """A no-argument function running one `pass_` of `module`, which it puts in the mode users run
+    that pass in: eval for fwd (inference: model.eval() and torch.no_grad), train for fwdbwd."""
+    module.train(pass_ == "fwdbwd")
     if pass_ == "fwd":
         def run():
             with torch.no_grad():
@@ -513,7 +529,8 @@ def main(argv=None) -> dict:
     hashed = isinstance(layer.gate, HashGate)
     config = dict(
         preset=args.preset, scale=args.scale, layer_id=layer_id, hash_routed=hashed,
-        hf_eager_routing="HF router" if hf_router_matches(cfg, layer_id) else "hf_eager uses moe_kit's gate output",
+        hf_eager_routing=("transformers' Qwen3-MoE block" if hf_block_matches(cfg, layer_id) else
+                          "HF router" if hf_router_matches(cfg, layer_id) else "HF providers take moe_kit's routing"),
         repeats=args.repeats, warmup=args.warmup, tokens=tokens_list, passes=passes,
         providers=list(providers), tolerance=TOLERANCE[dtype],
         **{k: v for k, v in vars(cfg).items() if k not in ("router_dtype", "backend")},

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import moe_bench  # noqa: E402
 
-from moe_kit import MoEConfig  # noqa: E402
+from moe_kit import MoEConfig, MoELayer  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FAST = ["--repeats", "1", "--warmup", "0", "--quiet"]
@@ -69,7 +69,7 @@ def test_tiny_sweep_writes_json_markdown_and_png(tmp_path):
 def test_routing_hf_lacks_goes_through_the_moe_kit_gate(tmp_path, preset, extra):
     data = run(tmp_path, "--preset", preset, "--scale", "0.01", "--tokens", "24", "--pass", "fwdbwd",
                "--backends", "torch", "--hf", "eager,grouped_mm", *extra)
-    assert data["config"]["hf_eager_routing"] == "hf_eager uses moe_kit's gate output"
+    assert data["config"]["hf_eager_routing"] == "HF providers take moe_kit's routing"
     assert {r["backend"] for r in data["rows"]} == {"moe_kit_torch", "hf_eager", "hf_grouped_mm", "dense"}
     assert all(r["max_rel_err"] <= 1e-4 for r in data["rows"] if r["backend"] != "dense")
     if preset == "deepseek-v4":
@@ -126,6 +126,32 @@ def test_hf_providers_and_batched_mm_limit(tmp_path):
     assert "speed-up vs hf_grouped_mm (HF default)" in (tmp_path / "results.md").read_text()
 
 
+def test_hf_providers_are_transformers_own_block_where_it_applies():
+    """For Qwen3-MoE / Mixtral-shaped routing the HF providers are transformers' own sparse block
+    (router module + experts module dispatching to each implementation) on the layer's parameters,
+    in the mode each pass runs in; elsewhere HF's experts functions behind moe_kit's routing."""
+    from baselines import HFBlock, HFEagerLoop, HFExperts
+
+    layer = MoELayer(moe_bench.build_config("qwen3-30b-a3b", 0.03))
+    providers = moe_bench.make_providers(layer, ["torch"], ("eager", "grouped_mm", "batched_mm"))
+    for name in ("hf_eager", "hf_grouped_mm", "hf_batched_mm"):
+        block = providers[name]
+        assert isinstance(block, HFBlock) and block.block.gate.weight is layer.gate.weight, name
+        assert block.block.experts.config._experts_implementation == name[3:]
+    x = torch.randn(5, layer.cfg.hidden_size)
+    with torch.no_grad():
+        ref = layer.eval()(x)
+        for name in ("hf_eager", "hf_grouped_mm", "hf_batched_mm"):
+            torch.testing.assert_close(providers[name](x), ref, rtol=1e-5, atol=1e-6)
+    moe_bench.timed_call(layer, x, None, None, "fwd")
+    assert not layer.training
+    moe_bench.timed_call(layer, x, None, torch.ones_like(x), "fwdbwd")
+    assert layer.training
+    other = moe_bench.make_providers(MoELayer(moe_bench.build_config("deepseek-v3", 0.01)), ["torch"],
+                                     ("eager", "grouped_mm"))
+    assert isinstance(other["hf_eager"], HFEagerLoop) and isinstance(other["hf_grouped_mm"], HFExperts)
+
+
 def test_progress_estimates_time_left():
     progress = moe_bench.Progress(10, enabled=False)
     assert progress.eta() == "?"
@@ -165,7 +191,7 @@ def test_cpu_layer_writes_json_and_markdown(tmp_path, capsys):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(data["rows"]))
     cells = {(r["provider"], r["pass"], r["tokens"]) for r in saved["rows"]}
-    providers = {"moe_kit", "hf_router+moe_kit_experts", "hf_grouped_mm", "hf_batched_mm", "hf_eager", "dense"}
+    providers = {"moe_kit", "hf_block+moe_kit_experts", "hf_grouped_mm", "hf_batched_mm", "hf_eager", "dense"}
     assert cells == {(p, s, t) for p in providers for s, t in (("fwd", 1), ("fwd", 3), ("fwdbwd", 16))}
     assert all(r["max_rel_err"] <= 1e-4 for r in saved["rows"] if r["provider"] != "dense")
     table = (tmp_path / "results.md").read_text()

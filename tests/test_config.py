@@ -23,7 +23,8 @@ PRESET_NAMES = [
     "deepseek-v2", "deepseek-v3", "deepseek-v4", "deepseek-v4-flash", "deepseek-v4-pro", "olmoe-1b-7b",
     "llama4-scout", "gpt-oss-20b",
 ]
-BOOL_FIELDS = ["shared_expert_gate", "norm_topk_prob", "router_bias", "expert_bias", "hash_routing", "pad_to_capacity"]
+BOOL_FIELDS = ["shared_expert_gate", "norm_topk_prob", "router_bias", "expert_bias", "hash_routing", "pad_to_capacity",
+               "expert_proj_bias", "deterministic"]
 INT_FIELDS = ["hidden_size", "intermediate_size", "num_experts", "top_k", "num_shared_experts", "n_groups",
               "topk_groups", "n_hash_layers", "vocab_size", "shared_intermediate_size"]
 FLOAT_FIELDS = ["route_scale", "jitter_eps", "bias_update_rate", "bias_max", "aux_loss_coef", "z_loss_coef",
@@ -52,6 +53,7 @@ def test_defaults():
     assert cfg.loss_mode == "attach" and cfg.routing == "token_choice" and cfg.activation == "silu"
     assert cfg.drop_policy == "probs" and cfg.pad_to_capacity is False
     assert cfg.jitter_eps == 0.0 and cfg.router_bias is False
+    assert cfg.expert_proj_bias is False  # gpt-oss's expert biases: off unless asked
     assert cfg.aux_losses == () and cfg.is_frozen is False
 
 
@@ -160,6 +162,10 @@ def test_invalid_config_raises_naming_field(overrides, field):
         pytest.param(dict(activation="gelu"), id="gelu"),
         pytest.param(dict(activation="gelu_tanh"), id="gelu_tanh"),
         pytest.param(dict(activation="relu"), id="relu"),
+        pytest.param(dict(activation="swiglu_oai", swiglu_limit=7.0, expert_proj_bias=True), id="gpt-oss-experts"),
+        pytest.param(dict(expert_proj_bias=True, expert_bias=True), id="expert-proj-bias-and-noaux-bias"),
+        pytest.param(dict(deterministic=False), id="atomic-combine"),
+        pytest.param(dict(deterministic=True), id="fixed-order-combine"),
     ],
 )
 def test_valid_configs(overrides):
@@ -399,8 +405,8 @@ def test_float_fields_accept_real_numbers_as_plain_float(field, value):
 @pytest.mark.parametrize("value", ["yes", "False", "", 1, 0, None, 1.0, np.int64(1)],
                          ids=["yes", "False-str", "empty-str", "int-1", "int-0", "None", "float", "np.int64"])
 def test_bool_fields_accept_only_bools(field, value):
-    if value is None and field == "norm_topk_prob":
-        pytest.skip("None means: derive from score_func")
+    if value is None and field in ("norm_topk_prob", "deterministic"):
+        pytest.skip("None means: derive from score_func / the device")
     with pytest.raises(ValueError, match=field):
         make(**{field: value})
 
@@ -553,7 +559,9 @@ def configs(draw):
         score_func=draw(st.sampled_from(["softmax", "sigmoid", "sqrtsoftplus"])),
         route_scale=draw(st.floats(1e-3, 100)), jitter_eps=draw(st.floats(0, 0.5)),
         router_bias=draw(st.booleans()), loss_mode=draw(st.sampled_from(["attach", "return"])),
-        z_loss_coef=draw(st.floats(0, 1)), activation=draw(st.sampled_from(["silu", "gelu", "gelu_tanh", "relu"])),
+        z_loss_coef=draw(st.floats(0, 1)),
+        activation=draw(st.sampled_from(["silu", "gelu", "gelu_tanh", "relu", "swiglu_oai"])),
+        expert_proj_bias=draw(st.booleans()),
         router_dtype=draw(st.sampled_from([torch.float32, torch.float64])),
         backend=draw(st.sampled_from(["auto", "torch", "loop", "triton"])),
         swiglu_limit=draw(st.none() | st.floats(0.5, 20)),
@@ -766,6 +774,7 @@ def test_preset_unknown_override_still_raises(name):
         pytest.param("gpt-oss-20b", dict(
             hidden_size=2880, intermediate_size=2880, num_experts=32, top_k=4, score_func="softmax",
             norm_topk_prob=True, router_bias=True, swiglu_limit=7.0, num_shared_experts=0, vocab_size=201088,
+            activation="swiglu_oai", expert_proj_bias=True, expert_bias=False,
         ), id="gpt-oss-20b"),
     ],
 )
@@ -836,6 +845,9 @@ def test_new_presets_match_transformers_configs():
     assert c.hidden_size == oss.hidden_size and c.intermediate_size == oss.intermediate_size
     assert c.top_k == oss.num_experts_per_tok and c.swiglu_limit == oss.swiglu_limit
     assert c.vocab_size == oss.vocab_size
+    from moe_kit.activations import OAI_ALPHA
+
+    assert c.activation == "swiglu_oai" and oss.swiglu_alpha == OAI_ALPHA and c.expert_proj_bias
 
     qwen3 = transformers.Qwen3MoeConfig()
     c = MoEConfig.preset("qwen3-235b-a22b")

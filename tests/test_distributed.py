@@ -70,6 +70,10 @@ CASES = {
         dict(num_experts=8, top_k=2, num_shared_experts=1, aux_loss_coef=0.1), {2: (12, 7), 4: (6, 0, 9, 4)},
         dtype=torch.bfloat16,
     ),
+    "gpt-oss-experts": Case(  # expert biases (sharded / gathered by the state-dict helpers), router bias
+        dict(num_experts=8, top_k=2, activation="swiglu_oai", swiglu_limit=1.0, expert_proj_bias=True,
+             router_bias=True), {2: (8, 5), 4: (3, 0, 7, 2)},
+    ),
 }
 DP_X_EP = Case(dict(num_experts=8, top_k=2, num_shared_experts=1), {4: (5, 9, 0, 4)})
 
@@ -91,6 +95,10 @@ def build_full(case: Case) -> MoELayer:
             layer.gate.expert_bias.copy_(0.05 * torch.randn(layer.cfg.num_experts))
         if case.zero_gate:
             layer.gate.weight.zero_()
+        for bias in (layer.gate.bias, getattr(layer.experts, "gate_up_proj_bias", None),
+                     getattr(layer.experts, "down_proj_bias", None)):
+            if bias is not None:  # zero at init: give them values that show up in every output
+                bias.copy_(0.3 * torch.randn(bias.shape))
     return layer
 
 

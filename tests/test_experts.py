@@ -166,3 +166,80 @@ def test_grouped_expert_e_equals_expert_with_copied_weights(d, i, dtype, backend
         assert rel_err(dn_grad[e], expert.down_proj.weight.grad) <= tol
         others = [j for j in range(e_count) if j != e]
         assert not bool(gu_grad[others].any()) and not bool(dn_grad[others].any())
+
+
+# ----------------------------------------------------------------------------- expert biases, swiglu_oai (gpt-oss)
+
+
+def test_grouped_experts_biases_shapes_init_and_meta():
+    """bias=True (MoEConfig.expert_proj_bias): gate_up_proj_bias [E, 2I], down_proj_bias [E, D],
+    zero at init (as transformers' gpt-oss); bias=False registers them as None (as nn.Linear).
+    A meta build materializes with to_empty + reset_parameters."""
+    e, d, i = 3, 8, 5
+    plain = GroupedExperts(e, d, i)
+    assert plain.gate_up_proj_bias is None and plain.down_proj_bias is None
+    assert set(plain.state_dict()) == {"gate_up_proj", "down_proj"}
+    assert plain.biases() == dict(gate_up_proj_bias=None, down_proj_bias=None)
+    biased = GroupedExperts(e, d, i, bias=True)
+    assert biased.gate_up_proj_bias.shape == (e, 2 * i) and biased.down_proj_bias.shape == (e, d)
+    assert isinstance(biased.down_proj_bias, nn.Parameter) and biased.down_proj_bias.requires_grad
+    assert not biased.gate_up_proj_bias.any() and not biased.down_proj_bias.any()
+    assert set(biased.state_dict()) == {"gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"}
+    assert "bias=True" in repr(biased)
+    cast = biased.biases(torch.float64)
+    assert cast["gate_up_proj_bias"].dtype == torch.float64 and cast["down_proj_bias"].dtype == torch.float64
+    assert biased.biases()["down_proj_bias"] is biased.down_proj_bias
+    with torch.device("meta"):
+        meta = GroupedExperts(e, d, i, bias=True)
+    assert all(p.is_meta for p in meta.parameters())
+    meta.to_empty(device="cpu")
+    with torch.no_grad():
+        meta.down_proj_bias.fill_(7.0)  # garbage to_empty might leave
+    meta.reset_parameters()
+    assert not meta.down_proj_bias.any() and meta.gate_up_proj.abs().max() <= 1 / math.sqrt(d)
+
+
+@pytest.mark.parametrize("backend", ["torch", "loop"])
+def test_grouped_expert_with_biases_and_swiglu_oai_equals_gpt_oss_math(backend):
+    """Expert e of biased GroupedExperts through moe_ffn == gpt-oss's expert written out:
+    (clamp(up) + 1) * g * sigmoid(1.702 g), g = clamp(gate), gate/up = x @ W^T + b1, then @ down^T + b2,
+    times the routing weight; bias gradients are the per-expert sums of their rows' gradients."""
+    torch.manual_seed(2)
+    e_count, d, i, limit = 3, 8, 4, 0.9
+    experts = GroupedExperts(e_count, d, i, bias=True).double()
+    with torch.no_grad():
+        experts.gate_up_proj.mul_(4)
+        experts.gate_up_proj_bias.normal_()
+        experts.down_proj_bias.normal_()
+    x = torch.randn(6, d, dtype=torch.float64)
+    w = torch.rand(6, 1, dtype=torch.float64)
+    cot = torch.randn(6, d, dtype=torch.float64)
+    indices = torch.tensor([[0], [2], [0], [0], [2], [2]])
+    out = moe_ffn(x, w, indices, experts.gate_up_proj, experts.down_proj, backend, swiglu_limit=limit,
+                  activation="swiglu_oai", **experts.biases())
+    grads_got = torch.autograd.grad(out, list(experts.parameters()), cot)
+    params = [p.detach().clone().requires_grad_(True) for p in experts.parameters()]
+    gate_up, down, b1, b2 = params
+    rows = []
+    for n in range(6):
+        e = int(indices[n, 0])
+        h = gate_up[e] @ x[n] + b1[e]
+        gate, up = h[:i].clamp(max=limit), h[i:].clamp(-limit, limit)
+        assert bool((h[:i] > limit).any() or (h[i:].abs() > limit).any()), "the clamp must bite"
+        rows.append(w[n, 0] * (down[e] @ ((up + 1) * gate * torch.sigmoid(1.702 * gate)) + b2[e]))
+    ref = torch.stack(rows)
+    assert rel_err(out, ref) <= 1e-12
+    for got, want in zip(grads_got, torch.autograd.grad(ref, params, cot), strict=True):
+        assert rel_err(got, want) <= 1e-12
+    assert not grads_got[3][1].any() and grads_got[3][0].any()  # expert 1 got no rows: zero bias grad
+
+
+def test_expert_and_shared_expert_take_swiglu_oai():
+    """Expert / SharedExpert stay bias-free; with activation="swiglu_oai" they compute
+    down((clamp(up) + 1) * g * sigmoid(1.702 g))."""
+    torch.manual_seed(3)
+    expert = SharedExpert(8, 4, swiglu_limit=0.5, activation="swiglu_oai").double()
+    x = torch.randn(5, 8, dtype=torch.float64) * 3
+    g = (x @ expert.gate_proj.weight.T).clamp(max=0.5)
+    u = (x @ expert.up_proj.weight.T).clamp(-0.5, 0.5)
+    assert rel_err(expert(x), ((u + 1) * g * torch.sigmoid(1.702 * g)) @ expert.down_proj.weight.T) <= 1e-12

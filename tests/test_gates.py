@@ -527,3 +527,27 @@ def test_hash_gate_state_dict_round_trip():
     (w1, i1), (w2, i2) = gate(x, input_ids=ids), fresh(x, input_ids=ids)
     assert torch.equal(i1, i2) and torch.equal(w1, w2)
     assert torch.equal(i2, moe_kit.hash_table(40, 6, 3).flip(0))
+
+
+@pytest.mark.parametrize("aux_type", ["global", "sequence"])
+@pytest.mark.parametrize("over", [dict(), dict(expert_bias=True, n_groups=4, topk_groups=2, score_func="sigmoid")],
+                         ids=["plain", "biased-groups"])
+def test_eval_no_grad_forward_equals_general_forward(aux_type, over):
+    """An eval gate under no_grad takes its short path (_route_eval); weights, indices, the aux
+    and z loss values and the tracked entropy equal the general forward's (grad enabled), and a
+    2-D input with the sequence aux loss still raises."""
+    cfg = make_cfg(num_experts=8, top_k=2, aux_loss_coef=0.01, aux_loss_type=aux_type, z_loss_coef=1e-3, **over)
+    gate = make_topk_gate(cfg).eval()
+    gate.track_entropy = True
+    x = torch.randn(3, 5, cfg.hidden_size)
+    with torch.no_grad():
+        fast = gate(x)
+    fast_values = (gate.aux_loss, gate.z_loss, gate.entropy)
+    general = gate(x)
+    assert torch.equal(fast[1], general[1])
+    assert torch.allclose(fast[0], general[0].detach(), rtol=1e-6, atol=1e-7)
+    for a, b in zip(fast_values, (gate.aux_loss, gate.z_loss, gate.entropy), strict=True):
+        assert a is not None and math.isclose(float(a), float(b), rel_tol=1e-6)
+    if aux_type == "sequence":
+        with torch.no_grad(), pytest.raises(ValueError, match="sequence"):
+            gate(x.reshape(15, -1))

@@ -87,6 +87,15 @@ def _deepseek_v4(**kw):
     return transformers.DeepseekV4ForCausalLM(cfg)
 
 
+def _gpt_oss(**kw):
+    """gpt-oss: router with bias, experts transposed with gate/up interleaved, biased, swiglu_oai;
+    clamped at 1.0 (the released 7 would rarely bite at these sizes); 2I = 48 != D = 32, so no
+    transposition can hide in a square shape."""
+    settings = dict(intermediate_size=24, head_dim=8, num_local_experts=8, num_experts_per_tok=2, swiglu_limit=1.0,
+                    rope_parameters=dict(rope_type="default", rope_theta=150000.0))
+    return transformers.GptOssForCausalLM(transformers.GptOssConfig(**{**COMMON, **settings, **kw}))
+
+
 FAMILIES = {
     "qwen3_moe": (_qwen3, ["model.layers.0.mlp", "model.layers.1.mlp"]),
     "qwen2_moe": (_qwen2, ["model.layers.0.mlp", "model.layers.1.mlp"]),
@@ -94,19 +103,26 @@ FAMILIES = {
     "olmoe": (_olmoe, ["model.layers.0.mlp", "model.layers.1.mlp"]),
     "deepseek_v3": (_deepseek_v3, ["model.layers.1.mlp", "model.layers.2.mlp"]),  # layer 0 dense
     "deepseek_v4": (_deepseek_v4, ["model.layers.0.mlp", "model.layers.1.mlp", "model.layers.2.mlp"]),  # 0 hashed
+    "gpt_oss": (_gpt_oss, ["model.layers.0.mlp", "model.layers.1.mlp"]),
 }
 
 
 @torch.no_grad()
 def _strengthen(model: nn.Module) -> nn.Module:
-    """Decisive routers, experts that dominate the residual, a non-zero DeepSeek bias and a
-    balanced V4 hash table (transformers initializes tid2eid to zeros)."""
+    """Decisive routers, experts that dominate the residual, a non-zero DeepSeek bias, non-zero
+    gpt-oss router and expert biases and a balanced V4 hash table (transformers initializes tid2eid
+    to zeros)."""
     for name, module in model.named_modules():
         if hasattr(module, "gate_up_proj"):
             module.gate_up_proj.normal_(0.0, 0.25)
             module.down_proj.normal_(0.0, 0.25)
-        if name.endswith("mlp.gate"):
+            for bias in ("gate_up_proj_bias", "down_proj_bias"):
+                if hasattr(module, bias):
+                    getattr(module, bias).normal_(0.0, 0.25)
+        if name.endswith(("mlp.gate", "mlp.router")):
             module.weight.normal_(0.0, 0.4)
+            if getattr(module, "bias", None) is not None:
+                module.bias.normal_(0.0, 0.1)
         if hasattr(module, "e_score_correction_bias"):
             module.e_score_correction_bias.normal_(0.0, 0.05)
         if hasattr(module, "tid2eid"):
@@ -184,6 +200,8 @@ def test_moe_path_matters(eager):
             for module in model.modules():
                 if hasattr(module, "gate_up_proj"):
                     module.down_proj.zero_()
+                    if hasattr(module, "down_proj_bias"):
+                        module.down_proj_bias.zero_()
             no_experts = model(ids_for()).logits
         assert rel_err(no_experts, eager[family][0]) > 0.2, family
 
@@ -308,7 +326,7 @@ def test_convert_overrides_are_checked():
 # ----------------------------------------------------------------------------- transformers' balancing loss
 
 
-HF_LOSS_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v4"]  # load_balancing_loss_func users
+HF_LOSS_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v4", "gpt_oss"]  # load_balancing_loss_func
 
 
 def padding_mask(ids: torch.Tensor) -> torch.Tensor:
@@ -356,7 +374,7 @@ def test_converted_model_gives_transformers_balancing_loss(family, padded):
     assert rel_err(out.loss, ref.loss) <= 1e-5
     assert_same_function(got, want)
     _, without_aux = hf_loss_run(build(family, router_aux_loss_coef=0.0), ids, mask, output_router_logits=True)
-    router = next(n for n in want[1] if n.endswith("mlp.gate.weight"))
+    router = next(n for n in want[1] if n.endswith(("mlp.gate.weight", "mlp.router.weight")))
     assert rel_err(without_aux[1][router], want[1][router]) > 0.05  # the aux gradient is in the comparison
 
 
@@ -475,37 +493,100 @@ def test_other_input_jitter_blocks_match_eager_training(family, block):
     assert rel_err(got, want) <= TOL and rel_err(got_grad, want_grad) <= TOL
 
 
-# ----------------------------------------------------------------------------- unsupported layouts
+# ----------------------------------------------------------------------------- gpt-oss: layouts, biases, swiglu_oai
 
 
-def _gpt_oss():
-    cfg = transformers.GptOssConfig(**{**COMMON, "num_hidden_layers": 1}, intermediate_size=16, head_dim=8,
-                                    num_local_experts=4, num_experts_per_tok=2)
-    return transformers.GptOssForCausalLM(cfg)
+def test_gpt_oss_layout_is_read_and_relaid_in_place():
+    """hf.experts_layout reads gpt-oss's experts (transposed, interleaved, biased, swiglu_oai clamped);
+    convert relays the same Parameter objects in place: moe_kit's [E, 2I, D] with the gate rows
+    first (transformers' even columns), convert_back restores transformers' tensors bit for bit."""
+    model = build("gpt_oss")
+    experts = model.model.layers[0].mlp.experts
+    layout = hf.experts_layout(experts)
+    assert (layout.activation, layout.limit, layout.transposed, layout.interleaved, layout.bias) == (
+        "swiglu_oai", 1.0, True, True, True)
+    params = {n: p for n, p in experts.named_parameters()}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    hf.convert(model)
+    layer = model.model.layers[0].mlp
+    assert layer.cfg.activation == "swiglu_oai" and layer.cfg.expert_proj_bias and layer.cfg.router_bias
+    assert (layer.cfg.score_func, layer.cfg.norm_topk_prob, layer.cfg.swiglu_limit) == ("softmax", True, 1.0)
+    for name, param in params.items():
+        assert getattr(layer.experts, name) is param  # the same objects
+    inter = 24
+    assert layer.experts.gate_up_proj.shape == (8, 2 * inter, 32) and layer.experts.down_proj.shape == (8, 32, inter)
+    assert torch.equal(layer.experts.gate_up_proj[:, :inter], before["gate_up_proj"][:, :, 0::2].transpose(1, 2))
+    assert torch.equal(layer.experts.gate_up_proj[:, inter:], before["gate_up_proj"][:, :, 1::2].transpose(1, 2))
+    assert torch.equal(layer.experts.gate_up_proj_bias[:, inter:], before["gate_up_proj_bias"][:, 1::2])
+    assert torch.equal(layer.experts.down_proj, before["down_proj"].transpose(1, 2))
+    x = torch.randn(2, 5, 32)
+    out, scores = layer(x)  # gpt-oss's block returns (output, router scores): the decoder unpacks the pair
+    hf.convert_back(model)
+    block = model.model.layers[0].mlp
+    want_out, want_scores = block(x)
+    assert rel_err(out, want_out) <= 1e-5 and rel_err(scores, want_scores) <= 1e-6
+    for name, param in params.items():
+        assert getattr(block.experts, name) is param and torch.equal(param, before[name]), name
 
 
-def test_unsupported_experts_fail_at_register_use_and_convert():
-    model = _gpt_oss()
-    with pytest.raises(ValueError, match="GptOssExperts: it has expert biases"):
+def test_gpt_oss_experts_mode_sees_every_weight_update():
+    """The experts implementation relays gpt-oss's weights on every call, never from a cache: after
+    an optimizer step (and an in-place edit) it still equals transformers' eager experts."""
+    ids = ids_for()
+    models = {"eager": build("gpt_oss"), "moe_kit": build("gpt_oss")}
+    hf.register(models["moe_kit"])
+    for model in models.values():
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.model.layers[1].mlp.experts.gate_up_proj_bias.mul_(-1.0)
+    assert_same_function(logits_and_grads(models["moe_kit"], ids_for(2)), logits_and_grads(models["eager"], ids_for(2)))
+
+
+def test_gpt_oss_alpha_moe_kit_lacks_is_refused():
+    """A gpt-oss config with another swiglu_alpha is no moe_kit activation: refused in both modes."""
+    model = _gpt_oss(swiglu_alpha=1.5)
+    with pytest.raises(ValueError, match="GptOssExperts: its _apply_gate is not .* interleaved"):
         hf.register(model)
     model.set_experts_implementation("moe_kit")
-    with pytest.raises(ValueError, match="GptOssExperts: it has expert biases"):
+    with pytest.raises(ValueError, match="GptOssExperts: its _apply_gate"):
         model(ids_for())
-    with pytest.raises(ValueError, match="no conversion for GptOssMLP"):
+    with pytest.raises(ValueError, match=r"mlp \(GptOssMLP, gpt_oss\): moe_kit cannot run GptOssExperts"):
         hf.convert(model)
+    assert not any(isinstance(m, MoELayer) for m in model.modules())  # nothing changed
+
+
+def test_gpt_oss_converted_compiles_fullgraph():
+    """torch.compile(fullgraph=True, aot_eager) of a converted one-layer gpt-oss (biases through
+    moe_kit's custom ops, the (output, scores) pair), forward and backward equal to eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _strengthen(_gpt_oss(num_hidden_layers=1)).train()
+    reference = copy.deepcopy(model)
+    want = logits_and_grads(reference, ids_for())
+    hf.convert(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    model.zero_grad(set_to_none=True)
+    out = compiled(ids_for(), labels=ids_for())
+    out.loss.backward()
+    hf.convert_back(model)
+    assert_same_function((out.logits.detach(), {n: p.grad for n, p in model.named_parameters()}), want)
 
 
 @pytest.mark.parametrize(
     "flags, match",
     [
-        pytest.param(dict(has_bias=True), "expert biases", id="bias"),
-        pytest.param(dict(is_transposed=True), "transposed", id="transposed"),
-        pytest.param(dict(is_concatenated=False), "interleaved", id="interleaved"),
+        pytest.param(dict(has_bias=True), "has_bias=True but its gate_up_proj_bias is None", id="bias-missing"),
+        pytest.param(dict(is_transposed=True), "transposed", id="transposed-unlike-its-weights"),
+        pytest.param(dict(is_concatenated=False), "interleaved", id="interleaved-unlike-its-gate"),
         pytest.param(dict(has_gate=False), "non-gated", id="no-gate"),
         pytest.param(dict(has_post_expert_norm=True), "norm after each expert", id="post-norm"),
     ],
 )
 def test_layout_flags_are_refused(flags, match):
+    """Non-gated experts and post-expert norms are refused; layout flags moe_kit adapts (biases,
+    transposed, interleaved) are refused when the module's tensors or gate do not fit them."""
     experts = build("qwen3_moe").model.layers[0].mlp.experts
     for flag, value in flags.items():
         setattr(experts, flag, value)
@@ -627,7 +708,7 @@ def _fill_non_persistent(model: nn.Module, reference: nn.Module) -> None:
             module.original_inv_freq = reference.get_submodule(name).original_inv_freq.clone()
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "deepseek_v4"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "deepseek_v4", "gpt_oss"])
 def test_meta_build_register_convert_then_load(family, eager):
     with torch.device("meta"):
         model = FAMILIES[family][0]()
@@ -769,8 +850,6 @@ def test_every_verified_block_of_the_installed_transformers_matches_eager():
 
 
 def test_unverified_or_inexpressible_blocks_are_refused_with_the_family():
-    with pytest.raises(ValueError, match=r"no conversion for GptOssMLP \(gpt_oss\)"):
-        hf.convert(_gpt_oss())
     cfg = transformers.Cohere2MoeConfig(**COMMON, intermediate_size=16, num_experts=4, num_experts_per_tok=2,
                                         num_shared_experts=1, shared_expert_combination_strategy="average")
     with pytest.raises(ValueError, match=r"cohere2_moe\).*shared_expert_combination_strategy='average'"):

@@ -300,3 +300,14 @@ def test_compile_moelayer_fp32_matches_eager(inductor):
     for g1, g0 in zip(grads1, grads0, strict=True):
         assert rel_err(g1, g0) < 1e-5
     assert torch.equal(counts1, counts0)
+
+
+def test_activation_of_names_plain_gated_activations_only():
+    """activation_of names act for act(gate) * up; quick_gelu is not "swiglu_oai" (which also adds 1
+    to up), so a plain quick_gelu block is refused instead of converted to the wrong function."""
+    from moe_kit.integrations.upcycle import activation_of
+
+    assert activation_of(torch.nn.functional.silu) == "silu"
+    assert activation_of(lambda t: torch.nn.functional.gelu(t, approximate="tanh")) == "gelu_tanh"
+    assert activation_of(lambda t: t * torch.sigmoid(1.702 * t)) is None
+    assert activation_of(torch.tanh) is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -741,3 +742,245 @@ def test_checkpointed_compiled_layer_counts_each_forward_once():
     assert after_forward.sum() == 10 * cfg.top_k
     out.sum().backward()
     assert torch.equal(layer.gate.expert_counts, after_forward)
+
+
+# ----------------------------------------------------------------------------- eager CPU inference path
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(1, 12),
+    e=st.sampled_from([4, 8, 64]),
+    score_func=st.sampled_from(["softmax", "sigmoid", "sqrtsoftplus"]),
+    bias=st.booleans(),
+    groups=st.booleans(),
+    norm=st.booleans(),
+    shared=st.integers(0, 1),
+    losses=st.booleans(),
+    hashed=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    data=st.data(),
+)
+def test_inference_path_equals_general_path(n, e, score_func, bias, groups, norm, shared, losses, hashed, dtype,
+                                            data):
+    """An eval forward under no_grad on CPU takes the inference path (TopKGate._route_eval and
+    torch_ops.inference_ffn: small_ffn or lean_forward); it equals the general forward of the same
+    layer with grad enabled: output, routing weights and indices, and every stat (load, aux and
+    z loss values, expert bias), on softmax/sigmoid/sqrtsoftplus, expert bias, groups, shared
+    experts, losses, hash layers, fp32 and bf16, decode-size and many-expert batches."""
+    import moe_kit.layer as layer_module
+
+    k = data.draw(st.integers(1, min(e // 2, 4) if groups else min(e, 6)), label="k")
+    bias = bias and not hashed  # a hash gate has no expert bias
+    cfg = MoEConfig(
+        hidden_size=16, intermediate_size=8, num_experts=e, top_k=k, score_func=score_func, norm_topk_prob=norm,
+        expert_bias=bias, n_groups=4 if groups else 1, topk_groups=2 if groups else 1, num_shared_experts=shared,
+        aux_loss_coef=0.01 if losses else 0.0, z_loss_coef=1e-3 if losses else 0.0,
+        hash_routing=hashed, vocab_size=50 if hashed else None,
+    )
+    seed = data.draw(st.integers(0, 1000), label="seed")
+    layer = build(cfg, seed=seed).to(dtype).eval()
+    if bias:
+        layer.gate.expert_bias.copy_(torch.randn(e, generator=torch.Generator().manual_seed(seed)) * 0.05)
+    x = torch.randn(2, n, 16, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    ids = torch.randint(0, 50, (2, n), generator=torch.Generator().manual_seed(seed + 2)) if hashed else None
+    taken = []
+    real = layer_module.inference_ffn
+    with mock.patch.object(layer_module, "inference_ffn", lambda *a: taken.append(1) or real(*a)), torch.no_grad():
+        fast, fast_route = layer(x, ids), layer.gate(x, ids) if hashed else layer.gate(x)
+    fast_stats = layer.stats
+    assert taken, "the eval no_grad forward did not take the inference path"
+    with mock.patch.object(layer_module, "inference_ffn", lambda *a: taken.append(1) or real(*a)):
+        general = layer(x, ids)  # grad enabled: the general path
+        general_route = layer.gate(x, ids) if hashed else layer.gate(x)
+    assert len(taken) == 1
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert rel_err(fast, general) <= tol
+    assert torch.equal(fast_route[1], general_route[1])
+    assert torch.allclose(fast_route[0], general_route[0].detach(), rtol=1e-6, atol=1e-7)
+    stats = layer.stats
+    assert torch.equal(fast_stats.load, stats.load)
+    for name in ("aux_loss", "z_loss"):
+        a, b = getattr(fast_stats, name), getattr(stats, name)
+        assert (a is None) == (b is None) == (not losses), name
+        if losses:
+            assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9), name
+
+
+@pytest.mark.parametrize("case", ["grad", "mask", "capacity", "loop", "autocast"])
+def test_inference_path_only_where_it_applies(case, monkeypatch):
+    """The inference path is taken only under no_grad without token_mask, capacity, another
+    backend or autocast; elsewhere the general path runs (and gives the same output)."""
+    import moe_kit.layer as layer_module
+
+    over = dict(capacity_factor=2.0) if case == "capacity" else dict(backend="loop") if case == "loop" else {}
+    layer = build(MoEConfig(hidden_size=D, intermediate_size=INTER, num_experts=6, top_k=2, **over)).eval()
+    x = torch.randn(3, 4, D)
+    taken = []
+    real = layer_module.inference_ffn
+    monkeypatch.setattr(layer_module, "inference_ffn", lambda *a: taken.append(1) or real(*a))
+    kwargs = dict(token_mask=torch.ones(3, 4, dtype=torch.bool)) if case == "mask" else {}
+    context = torch.enable_grad() if case == "grad" else torch.no_grad()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast")
+    with context, autocast:
+        out = layer(x, **kwargs)
+    assert not taken
+    ref = layer(x)  # grad enabled: the general path
+    assert rel_err(out.float(), ref) <= (2e-2 if case == "autocast" else 1e-6)
+
+
+def test_training_mode_no_grad_forward_still_counts():
+    """A training-mode forward under no_grad (what reentrant checkpointing runs first) keeps the
+    gate's training steps (expert-bias counts) while its experts take the inference path."""
+    layer = build(MoEConfig(hidden_size=D, intermediate_size=INTER, num_experts=6, top_k=2, expert_bias=True))
+    x = torch.randn(3, 4, D)
+    with torch.no_grad():
+        out = layer(x)
+    assert float(layer.gate.expert_counts.sum()) == 3 * 4 * 2
+    assert rel_err(out, layer(x)) <= 1e-6
+
+
+# ----------------------------------------------------------------------------- expert biases, swiglu_oai (gpt-oss)
+
+GPT_OSS_SMALL = dict(hidden_size=16, intermediate_size=8, num_experts=8, top_k=2, swiglu_limit=1.0, aux_loss_coef=0.0)
+
+
+def build_gpt_oss(backend="torch", dtype=torch.float32, **overrides):
+    """The gpt-oss-20b preset shrunk: router bias, swiglu_oai clamped at 1, expert biases (non-zero)."""
+    layer = build(MoEConfig.preset("gpt-oss-20b", **GPT_OSS_SMALL, backend=backend, **overrides), dtype=dtype)
+    with torch.no_grad():
+        layer.experts.gate_up_proj.mul_(4.0)  # the clamp bites
+        layer.experts.gate_up_proj_bias.normal_()
+        layer.experts.down_proj_bias.normal_()
+    return layer
+
+
+@pytest.mark.parametrize(
+    "overrides, masked",
+    [
+        pytest.param({}, False, id="dropless"),
+        pytest.param(dict(capacity_factor=0.5), False, id="capacity"),
+        pytest.param(dict(capacity_factor=0.5, pad_to_capacity=True), False, id="pad-to-capacity"),
+        pytest.param({}, True, id="token-mask"),
+    ],
+)
+def test_gpt_oss_layer_torch_backend_equals_loop(overrides, masked):
+    """MoELayer with expert_proj_bias and swiglu_oai: the torch backend (dropped slots, static
+    padded GEMMs, padding) equals the loop reference in the output and every gradient, expert biases
+    included; a padded token gets no expert, so no expert bias either."""
+    x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(1))
+    cot = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(2))
+    mask = (torch.arange(7) < torch.tensor([[7], [4], [0]])) if masked else None
+    results = {}
+    for backend in ("torch", "loop"):
+        layer = build_gpt_oss(backend, **overrides)
+        xb = x.clone().requires_grad_(True)
+        out = layer(xb, token_mask=mask)
+        params = [xb, *layer.parameters()]
+        results[backend] = (out, *grads_of(out, params, cot))
+        if masked:
+            assert not out[~mask].any()
+        if "capacity_factor" in overrides:
+            assert layer.stats.dropped_fraction > 0.2
+    assert [n for n, _ in layer.named_parameters()][-2:] == ["experts.gate_up_proj_bias", "experts.down_proj_bias"]
+    for got, ref in zip(results["torch"], results["loop"], strict=True):
+        assert rel_err(got, ref) <= 1e-5
+    assert results["torch"][-1].abs().sum() > 0  # the down bias got its gradient
+
+
+def test_gpt_oss_layer_inference_keeps_the_biases():
+    """No-grad CPU forwards (the layer's inference path where it applies) keep swiglu_oai and the
+    expert biases: equal to the loop backend, and not equal with the biases zeroed."""
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(3))
+    layers = {b: build_gpt_oss(b).eval() for b in ("torch", "loop")}
+    with torch.no_grad():
+        got, want = layers["torch"](x), layers["loop"](x)
+        layers["torch"].experts.down_proj_bias.zero_()
+        unbiased = layers["torch"](x)
+    assert rel_err(got, want) <= 1e-5 and rel_err(unbiased, want) > 0.1
+
+
+def test_gpt_oss_layer_meta_build_and_reset():
+    """A meta-built layer with expert biases materializes: to_empty + reset_parameters zero them."""
+    cfg = MoEConfig.preset("gpt-oss-20b", **GPT_OSS_SMALL)
+    with torch.device("meta"):
+        layer = MoELayer(cfg)
+    assert layer.experts.down_proj_bias.is_meta
+    layer.to_empty(device="cpu")
+    with torch.no_grad():
+        layer.experts.gate_up_proj_bias.fill_(float("nan"))
+    layer.reset_parameters()
+    assert not layer.experts.gate_up_proj_bias.any() and not layer.experts.down_proj_bias.any()
+    assert torch.isfinite(layer(torch.randn(5, 16))).all()
+
+
+def _ep_biases_rank(rank: int, world: int) -> dict:
+    """Rank `rank` of an expert-parallel gpt-oss layer (capacity over the group) loaded from the
+    single-process layer's state: this rank's slice of every [E, ...] expert tensor, biases included."""
+    import torch.distributed as dist
+
+    full = build_gpt_oss("torch", torch.float64, capacity_factor=1.0, router_dtype=torch.float64)
+    layer = MoELayer(full.cfg, ep_group=dist.group.WORLD).to(torch.float64)
+    count = full.cfg.num_experts // world
+    state = {k: v[rank * count:(rank + 1) * count] if k.startswith("experts.") else v
+             for k, v in full.state_dict().items()}
+    layer.load_state_dict(state)
+    x, cot = _ep_inputs(rank)
+    x.requires_grad_(True)
+    out = layer(x)
+    (out * cot).sum().backward()
+    return dict(out=out.detach(), grad_x=x.grad, grads={n: p.grad for n, p in layer.named_parameters()},
+                dropped=layer.stats.dropped_fraction)
+
+
+def _ep_inputs(rank: int):
+    gen = torch.Generator().manual_seed(100 + rank)
+    n = (9, 4)[rank]
+    return torch.randn(n, 16, generator=gen, dtype=torch.float64), torch.randn(n, 16, generator=gen,
+                                                                               dtype=torch.float64)
+
+
+def test_gpt_oss_layer_expert_parallel_matches_single_process(tmp_path):
+    """2 gloo ranks, 4 experts each: outputs, input gradients and expert gradients (biases included,
+    each rank its slice) equal one process holding all 8 experts; capacity drops over the group."""
+    from gloo_ranks import run_ranks
+
+    results = run_ranks(_ep_biases_rank, 2, tmp_path)
+    ref = build_gpt_oss("torch", torch.float64, capacity_factor=1.0, router_dtype=torch.float64)
+    parts = [_ep_inputs(r) for r in range(2)]
+    x = torch.cat([p[0] for p in parts]).requires_grad_(True)
+    out = ref(x)
+    (out * torch.cat([p[1] for p in parts])).sum().backward()
+    assert rel_err(torch.cat([r["out"] for r in results]), out) <= 1e-10
+    assert rel_err(torch.cat([r["grad_x"] for r in results]), x.grad) <= 1e-10
+    for name, p in ref.named_parameters():
+        grads = [r["grads"][name] for r in results]
+        got = torch.cat(grads) if name.startswith("experts.") else sum(grads)
+        assert rel_err(got, p.grad) <= 1e-10, name
+    assert results[0]["dropped"] == pytest.approx(ref.stats.dropped_fraction) and ref.stats.dropped_fraction > 0
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_config_deterministic_reaches_the_dispatch(deterministic):
+    """MoEConfig.deterministic is moe_ffn's combine choice for the layer's experts; outputs and
+    gradients agree with the default."""
+    import moe_kit.layer as layer_module
+
+    cfg = MoEConfig(hidden_size=D, intermediate_size=INTER, num_experts=6, top_k=2, deterministic=deterministic)
+    layer, default = build(cfg), build(cfg.replace(deterministic=None))
+    x = torch.randn(5, D)
+    seen = []
+    real = layer_module.dispatch
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["deterministic"])
+        return real(*args, **kwargs)
+
+    with mock.patch.object(layer_module, "dispatch", recording):
+        out = layer(x)
+    assert seen == [deterministic]
+    ref = default(x)
+    assert rel_err(out, ref) <= 1e-6
+    out.sum().backward()
+    ref.sum().backward()
+    assert rel_err(layer.experts.gate_up_proj.grad, default.experts.gate_up_proj.grad) <= 1e-6

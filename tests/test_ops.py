@@ -575,6 +575,31 @@ def test_moe_ffn_recompute_keyword():
         moe_ffn(x, weights, indices, gate_up, down, "torch", recompute="everything")
 
 
+@pytest.mark.parametrize("deterministic", [None, True, False])
+def test_moe_ffn_deterministic_keyword(deterministic, monkeypatch):
+    """deterministic= picks the combine (fixed-order gather + sum, or index_add); every choice equals
+    the loop reference in the output and all gradients, reaches the Triton backend unchanged through
+    dispatch, and use_deterministic_algorithms turns False into True."""
+    x, weights, indices, gate_up, down, cot = make_case(19, 6, 3, 16, 8, F32, seed=14)
+    got = value_and_grads(lambda *a: moe_ffn(a[0], a[1], indices, a[2], a[3], "torch", deterministic=deterministic),
+                          x, weights, gate_up, down, cot)
+    ref = value_and_grads(lambda *a: moe_ffn(a[0], a[1], indices, a[2], a[3], "loop"), x, weights, gate_up, down, cot)
+    for name, g, r in zip(NAMES, got, ref, strict=True):
+        assert_close(g, r, 1e-5, f"deterministic={deterministic} {name}")
+    seen = []
+    monkeypatch.setattr(torch_ops, "moe_ffn_torch", lambda *a, **kw: seen.append(a[7]) or a[0])
+    import moe_kit.ops as ops
+
+    monkeypatch.setattr(ops, "moe_ffn_torch", torch_ops.moe_ffn_torch)
+    ops.dispatch(x, weights, indices, gate_up, down, "torch", deterministic=deterministic)
+    torch.use_deterministic_algorithms(True)
+    try:
+        ops.dispatch(x, weights, indices, gate_up, down, "torch", deterministic=deterministic)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert seen == [deterministic, True if deterministic is False else deterministic]
+
+
 def test_moe_ffn_unknown_activation():
     with pytest.raises(ValueError, match="activation"):
         moe_ffn(*_good().values(), activation="swish")
@@ -663,6 +688,232 @@ def test_swiglu_limit_huge_is_identity():
     a = moe_ffn(x, weights, indices, gate_up, down, "torch", swiglu_limit=1e6)
     b = moe_ffn(x, weights, indices, gate_up, down, "torch")
     assert_close(a, b, 1e-15, "huge limit")
+
+
+# ----------------------------------------------------------------------------- expert biases, swiglu_oai (gpt-oss)
+
+
+OAI = 1.702  # gpt-oss's swiglu_alpha
+
+
+def ref_gpt_oss_gate(gate, up, limit):
+    """transformers' GptOssExperts._apply_gate on [gate | up] halves, written out."""
+    if limit is not None:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(-limit, limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * OAI))
+
+
+def ref_biased_ffn(x, weights, indices, gate_up, down, b1, b2, limit=None, activation="silu"):
+    """Dense reference with biases: every expert on every token (h + b1, y + b2), selected by a dense
+    [N, E] weight matrix, so the down bias is weighted like the rest of the expert output."""
+    num_experts, two_i, _ = gate_up.shape
+    h = torch.einsum("nd,emd->nem", x, gate_up)  # [N, E, 2I]
+    if b1 is not None:
+        h = h + b1
+    gate, up = h[..., : two_i // 2], h[..., two_i // 2:]
+    if activation == "swiglu_oai":
+        act = ref_gpt_oss_gate(gate, up, limit)
+    else:
+        if limit is not None:
+            gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        act = REF_ACT[activation](gate) * up
+    y = torch.einsum("nei,edi->ned", act, down)  # [N, E, D]
+    if b2 is not None:
+        y = y + b2
+    dense = torch.zeros(x.shape[0], num_experts + 1, dtype=x.dtype)
+    dense = dense.scatter_add(1, indices.long(), weights.to(x.dtype))[:, :num_experts]
+    return torch.einsum("ne,ned->nd", dense, y)
+
+
+BIAS_NAMES = (*NAMES, "grad_gate_up_bias", "grad_down_bias")
+
+
+def make_biases(e, d, i, dtype, seed, which="both"):
+    gen = torch.Generator().manual_seed(seed + 1)
+    b1 = torch.randn(e, 2 * i, generator=gen, dtype=torch.float64).to(dtype)
+    b2 = torch.randn(e, d, generator=gen, dtype=torch.float64).to(dtype)
+    return (None if which == "down" else b1), (None if which == "gate_up" else b2)
+
+
+def biased_value_and_grads(fn, tensors, cot):
+    """fn(x, weights, gate_up, down, b1, b2) -> out; (out, and the gradient of <out, cot> for each of
+    the six tensors: zeros for a bias that is None)."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in tensors]
+    out = fn(*leaves)
+    present = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(out, present, grad_outputs=cot, allow_unused=True, materialize_grads=True))
+    return (out.detach(), *(torch.zeros(0) if t is None else next(grads) for t in leaves))
+
+
+def test_swiglu_oai_matches_gpt_oss_and_its_hand_written_backward():
+    """gated_act / gated_act_parts / gated_act_backward for "swiglu_oai" against transformers' formula
+    and autograd, with values exactly on the clamp bounds (torch.clamp passes the gradient there)."""
+    from moe_kit.activations import gated_act, gated_act_backward, gated_act_parts, swiglu
+
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(9, 2 * 6, generator=gen, dtype=F64) * 3
+    h[0, :3] = 1.5  # gate on the bound
+    h[1, 6:9] = -1.5  # up on both bounds
+    h[2, 6:9] = 1.5
+    for limit in (None, 1.5):
+        leaf = h.clone().requires_grad_(True)
+        want = ref_gpt_oss_gate(leaf[:, :6], leaf[:, 6:], limit)
+        grad_act = torch.randn(want.shape, generator=gen, dtype=F64)
+        (want_grad,) = torch.autograd.grad(want, leaf, grad_act)
+        assert_close(swiglu(h, limit, "swiglu_oai"), want, 1e-15, "swiglu")
+        assert_close(gated_act(h, "swiglu_oai", limit), want, 1e-15, "gated_act")
+        out, activated = gated_act_parts(h, "swiglu_oai", limit)
+        assert_close(out, want, 1e-15, "gated_act_parts")
+        for known in (None, activated):
+            got = gated_act_backward(grad_act, h, "swiglu_oai", limit, known)
+            assert_close(got, want_grad, 1e-14, f"backward (activated given: {known is not None})")
+    assert not torch.equal(swiglu(h, None, "swiglu_oai"), swiglu(h, None, "silu")), "the offset and slope matter"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(0, 16),
+    e=st.integers(1, 7),
+    d=st.sampled_from([4, 8, 16, 5]),
+    i=st.sampled_from([4, 8, 3]),
+    dtype=st.sampled_from([F32, F64]),
+    mode=st.sampled_from(["random", "subset", "one", "dup"]),
+    limit=st.sampled_from([None, 1.0]),
+    activation=st.sampled_from(["swiglu_oai", "silu"]),
+    which=st.sampled_from(["both", "both", "gate_up", "down"]),
+    drop=st.sampled_from([0.0, 0.3, 1.0]),
+    path=st.sampled_from(["sorted", "deterministic", "gemm1", "small", "pad_to"]),
+    data=st.data(),
+)
+def test_expert_biases_match_reference_hypothesis(n, e, d, i, dtype, mode, limit, activation, which, drop, path,
+                                                  data):
+    """Output and all six gradients (x, weights, both weights, both biases) of the torch backend on
+    each of its paths (sorted with index_add or the deterministic combine and segmented bias sums,
+    recompute="gemm1", the decode path, static pad_to) and of the loop reference, against a dense
+    fp64 reference; dropped slots (id E) contribute nothing, biases included."""
+    k = data.draw(st.integers(1, e), label="k")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    x, weights, indices, gate_up, down, cot = make_case(n, e, k, d, i, dtype, mode, seed, 3.0 if limit else 1.0)
+    gen = torch.Generator().manual_seed(seed)
+    indices = torch.where(torch.rand(indices.shape, generator=gen) < drop, torch.full_like(indices, e), indices)
+    b1, b2 = make_biases(e, d, i, dtype, seed, which)
+    options = dict(sorted={}, deterministic=dict(deterministic=True), gemm1=dict(recompute="gemm1"),
+                   small=dict(small=True))
+    if path == "pad_to":
+        counts = torch.bincount(indices.reshape(-1), minlength=e + 1)[:e]
+        options["pad_to"] = dict(pad_to=int(counts.max()) + 1 if counts.numel() else 1)
+
+    def torch_backend(a0, a1, a2, a3, a4, a5):
+        return moe_ffn_torch(a0, a1, indices, a2, a3, limit, True, activation=activation, gate_up_proj_bias=a4,
+                             down_proj_bias=a5, **options[path])
+
+    def loop_backend(a0, a1, a2, a3, a4, a5):
+        return moe_ffn_loop(a0, a1, indices, a2, a3, limit, activation, gate_up_proj_bias=a4, down_proj_bias=a5)
+
+    tensors = (x, weights, gate_up, down, b1, b2)
+    got = biased_value_and_grads(torch_backend, tensors, cot)
+    loop = biased_value_and_grads(loop_backend, tensors, cot)
+    wide = [None if t is None else t.double() for t in tensors]
+    ref = biased_value_and_grads(lambda *a: ref_biased_ffn(a[0], a[1], indices, *a[2:], limit, activation), wide,
+                                 cot.double())
+    for name, g, lp, r in zip(BIAS_NAMES, got, loop, ref, strict=True):
+        assert g.dtype == lp.dtype == dtype or not g.numel(), name
+        assert_close(lp, r, TOL[dtype], f"loop {name} vs dense reference")
+        assert_close(g, r, TOL[dtype], f"torch ({path}) {name} vs dense reference")
+
+
+@pytest.mark.parametrize("small", [False, True], ids=["sorted", "decode"])
+def test_expert_biases_gradcheck_fp64(small):
+    """torch.autograd.gradcheck of the torch backend's hand-written backward with both biases,
+    swiglu_oai and a clamp that bites, one dropped slot."""
+    x, weights, indices, gate_up, down, _ = make_case(5, 3, 2, 4, 3, F64, seed=5, scale=2.0)
+    indices[1, 0] = 3  # dropped
+    b1, b2 = make_biases(3, 4, 3, F64, seed=5)
+    leaves = [t.clone().requires_grad_(True) for t in (x, weights, gate_up, down, b1, b2)]
+    assert torch.autograd.gradcheck(
+        lambda *a: moe_ffn_torch(a[0], a[1], indices, a[2], a[3], 0.8, True, activation="swiglu_oai", small=small,
+                                 gate_up_proj_bias=a[4], down_proj_bias=a[5]), leaves)
+
+
+def test_expert_biases_compile_fullgraph_with_drops():
+    """dispatch with biases, swiglu_oai and dropped slots traces with no graph break (the custom ops
+    take the optional bias tensors); forward and every gradient equal the loop reference."""
+    from moe_kit.ops import dispatch
+
+    def fn(x, weights, indices, gate_up, down, b1, b2):
+        return dispatch(x, weights, indices, gate_up, down, "torch", 1.0, has_dropped=True, activation="swiglu_oai",
+                        gate_up_proj_bias=b1, down_proj_bias=b2)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    x, weights, indices, gate_up, down, cot = make_case(15, 5, 2, 16, 8, F32, seed=3, scale=3.0)
+    indices[::4, 1] = 5  # dropped
+    tensors = (x, weights, gate_up, down, *make_biases(5, 16, 8, F32, seed=3))
+    got = biased_value_and_grads(lambda *a: compiled(a[0], a[1], indices, *a[2:]), tensors, cot)
+    loop = biased_value_and_grads(
+        lambda *a: moe_ffn_loop(a[0], a[1], indices, a[2], a[3], 1.0, "swiglu_oai", gate_up_proj_bias=a[4],
+                                down_proj_bias=a[5]), tensors, cot)
+    for name, g, r in zip(BIAS_NAMES, got, loop, strict=True):
+        assert_close(g, r, 1e-5, f"compiled {name} vs loop")
+
+
+def test_expert_biases_without_grad_skip_lean_forward(monkeypatch):
+    """Inference (no_grad, CPU, fp32, aligned widths) with biases takes the sorted forward, not
+    lean_forward (which has no biases); the result equals the loop reference."""
+    taken = []
+    real = torch_ops.lean_forward
+    monkeypatch.setattr(torch_ops, "lean_forward", lambda *a: taken.append(1) or real(*a))
+    x, weights, indices, gate_up, down, _ = make_case(21, 6, 2, 16, 8, F32, seed=4, scale=3.0)
+    b1, b2 = make_biases(6, 16, 8, F32, seed=4)
+    with torch.no_grad():
+        got = moe_ffn(x, weights, indices, gate_up, down, "torch", swiglu_limit=1.0, activation="swiglu_oai",
+                      gate_up_proj_bias=b1, down_proj_bias=b2)
+        ref = moe_ffn_loop(x, weights, indices, gate_up, down, 1.0, "swiglu_oai", gate_up_proj_bias=b1,
+                           down_proj_bias=b2)
+    assert_close(got, ref, 1e-5, "no-grad output vs loop")
+    assert not taken
+
+
+def test_triton_backend_falls_back_to_torch_for_biases_and_swiglu_oai(monkeypatch):
+    """backend="triton" with expert biases or swiglu_oai (no Triton kernels for them) runs the torch
+    backend, as it does for the other non-silu activations."""
+    import moe_kit.ops as ops
+
+    if not ops.triton_importable():
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    calls = []
+    real = ops.moe_ffn_torch
+    monkeypatch.setattr(ops, "moe_ffn_torch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x, weights, indices, gate_up, down, _ = make_case(9, 4, 2, 16, 8, F32, seed=1)
+    b1, b2 = make_biases(4, 16, 8, F32, seed=1)
+    for kw in (dict(gate_up_proj_bias=b1, down_proj_bias=b2), dict(down_proj_bias=b2),
+               dict(activation="swiglu_oai")):
+        calls.clear()
+        got = moe_ffn(x, weights, indices, gate_up, down, "triton", **kw)
+        ref = moe_ffn_loop(x, weights, indices, gate_up, down, None, kw.get("activation", "silu"),
+                           gate_up_proj_bias=kw.get("gate_up_proj_bias"), down_proj_bias=kw.get("down_proj_bias"))
+        assert calls == [1], kw
+        assert_close(got, ref, 1e-5, f"triton fallback {sorted(kw)}")
+
+
+@pytest.mark.parametrize(
+    "bias, value, exc, match",
+    [
+        pytest.param("gate_up_proj_bias", lambda e, d, i: torch.zeros(e, i), ValueError, r"gate_up_proj_bias \(3, 4\)",
+                     id="gate-up-bias-shape"),
+        pytest.param("down_proj_bias", lambda e, d, i: torch.zeros(e + 1, d), ValueError, r"down_proj_bias \(4, 8\)",
+                     id="down-bias-shape"),
+        pytest.param("down_proj_bias", lambda e, d, i: torch.zeros(e, d, dtype=F64), TypeError,
+                     r"down_proj_bias \(torch.float64\)", id="down-bias-dtype"),
+        pytest.param("gate_up_proj_bias", lambda e, d, i: torch.zeros(e, 2 * i, dtype=torch.long), TypeError,
+                     "gate_up_proj_bias must be a floating-point", id="gate-up-bias-int"),
+    ],
+)
+def test_expert_bias_inputs_are_checked(bias, value, exc, match):
+    args = _good()
+    with pytest.raises(exc, match=match):
+        moe_ffn(*args.values(), "torch", **{bias: value(3, 8, 4)})
 
 
 # ----------------------------------------------------------------------------- errors

@@ -31,14 +31,16 @@ AUX_LOSS_TYPES = ("global", "sequence", "global_batch")
 LOSS_MODES = ("attach", "return")
 DROP_POLICIES = ("probs", "position")
 ROUTINGS = ("token_choice", "expert_choice", "sinkhorn")
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")  # moe_kit.activations
 ROUTER_DTYPES = (torch.float32, torch.float64)
 
 _INT_FIELDS = (
     "hidden_size", "intermediate_size", "num_experts", "top_k", "num_shared_experts",
     "n_groups", "topk_groups", "n_hash_layers",
 )
-_BOOL_FIELDS = ("shared_expert_gate", "router_bias", "expert_bias", "hash_routing", "pad_to_capacity")
+_BOOL_FIELDS = (
+    "shared_expert_gate", "router_bias", "expert_bias", "hash_routing", "pad_to_capacity", "expert_proj_bias",
+)
 _NONNEGATIVE_FLOAT_FIELDS = ("bias_update_rate", "bias_max", "z_loss_coef")
 
 
@@ -86,10 +88,16 @@ class MoEConfig:
     pad_to_capacity: bool = False  # every expert gets exactly `capacity` rows (static shapes; needs capacity_factor)
     # expert block
     activation: str = "silu"  # gated activation of every expert: "silu" (SwiGLU) | "gelu" | "gelu_tanh" | "relu"
+    # | "swiglu_oai" (gpt-oss: (up + 1) * gate * sigmoid(1.702 * gate))
+    expert_proj_bias: bool = False  # routed experts' projection biases, experts.gate_up_proj_bias [E, 2I] and
+    # experts.down_proj_bias [E, D] (gpt-oss); shared experts stay bias-free. Not the noaux_tc `expert_bias`
     # numerics and execution
     router_dtype: torch.dtype = torch.float32
     swiglu_limit: float | None = None  # DeepSeek-V4 / gpt-oss clamp: gate <= limit, |up| <= limit
     backend: str = "auto"  # "auto" | "triton" | "torch" | "loop"
+    deterministic: bool | None = None  # how each token's k expert outputs are summed (moe_ffn's argument): None =
+    # a fixed order on CUDA, index_add on CPU (both reproducible); True = a fixed order; False = atomic adds
+    # (Triton: fused into GEMM 2, no [N*k, D] buffer; last-bit run-to-run differences on GPUs)
 
     def __post_init__(self):
         # types first (normalized to plain Python values), then ranges, then relations between fields
@@ -139,6 +147,8 @@ class MoEConfig:
         else:
             self.norm_topk_prob = _as_bool("norm_topk_prob", self.norm_topk_prob)
         self._derived = derived
+        if self.deterministic is not None:
+            self.deterministic = _as_bool("deterministic", self.deterministic)
 
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1")
@@ -447,11 +457,13 @@ PRESETS: dict[str, dict] = {
         hidden_size=5120, intermediate_size=8192, num_experts=16, top_k=1, num_shared_experts=1,
         score_func="sigmoid", norm_topk_prob=False, aux_loss_coef=1e-3, vocab_size=202048,
     ),
-    # openai/gpt-oss-20b: router linear with bias, softmax over the top-4 logits (= renormalized), clamp 7.
-    # Not exact: its experts compute (up + 1) * gate * sigmoid(1.702 * gate) with biases, gate/up interleaved.
+    # openai/gpt-oss-20b: router linear with bias, softmax over the top-4 logits (= renormalized); experts
+    # (up + 1) * gate * sigmoid(1.702 * gate) clamped at 7, with biases on both projections. (transformers
+    # stores gate/up interleaved and transposed; hf.convert changes the layout, the function is the same.)
     "gpt-oss-20b": dict(
         hidden_size=2880, intermediate_size=2880, num_experts=32, top_k=4, router_bias=True,
-        score_func="softmax", norm_topk_prob=True, swiglu_limit=7.0, aux_loss_coef=0.9, vocab_size=201088,
+        score_func="softmax", norm_topk_prob=True, swiglu_limit=7.0, activation="swiglu_oai", expert_proj_bias=True,
+        aux_loss_coef=0.9, vocab_size=201088,
     ),
 }
 PRESETS["deepseek-v4"] = PRESETS["deepseek-v4-flash"]  # the name before V4-Pro was released

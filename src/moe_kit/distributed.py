@@ -107,12 +107,13 @@ def broadcast_parameters(model: nn.Module, groups: ParallelGroups) -> None:
 
 def shard_state_dict(full_state_dict: dict, model: nn.Module) -> dict:
     """A single-process state_dict -> the one `model` (with expert-parallel MoELayers) loads on
-    this rank: each such layer's `experts.gate_up_proj` / `experts.down_proj` [E, ...] sliced to
-    this rank's experts. Other entries are passed through (the same tensors)."""
+    this rank: each such layer's per-expert tensors [E, ...] (`experts.gate_up_proj`, `down_proj`
+    and, with expert_proj_bias, their biases) sliced to this rank's experts. Other entries are
+    passed through (the same tensors)."""
     sharded = dict(full_state_dict)
     for prefix, layer in _ep_layers(model):
         first, count = expert_slice(layer.cfg.num_experts, layer.ep_group)
-        for name in ("gate_up_proj", "down_proj"):
+        for name in _expert_tensors(layer):
             key = f"{prefix}experts.{name}"
             full = full_state_dict[key]
             if full.shape[0] != layer.cfg.num_experts:
@@ -128,12 +129,17 @@ def full_state_dict(model: nn.Module) -> dict:
     state = model.state_dict()
     for prefix, layer in _ep_layers(model):
         world = dist.get_world_size(layer.ep_group)
-        for name in ("gate_up_proj", "down_proj"):
+        for name in _expert_tensors(layer):
             local = getattr(layer.experts, name).detach().contiguous()
             parts = [torch.empty_like(local) for _ in range(world)]
             dist.all_gather(parts, local, group=layer.ep_group)
             state[f"{prefix}experts.{name}"] = torch.cat(parts)
     return state
+
+
+def _expert_tensors(layer: MoELayer) -> list[str]:
+    """Names of the layer's per-expert parameters ([E, ...]): weights, and biases when present."""
+    return [name for name, _ in layer.experts.named_parameters()]
 
 
 def _is_ep(module: nn.Module) -> bool:

@@ -9,6 +9,8 @@ cfg.router_dtype outside autocast.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -16,9 +18,10 @@ from moe_kit.config import MoEConfig
 from moe_kit.ep import check_same_config, ep_moe_ffn, expert_slice, local_experts
 from moe_kit.experts import GroupedExperts, SharedExpert
 from moe_kit.gates import ExpertChoiceGate, HashGate, SinkhornGate, TopKGate
-from moe_kit.gates.router import autocast_enabled, autocast_off, cast, flat_token_mask
+from moe_kit.gates.router import autocast_enabled, cast, flat_token_mask
 from moe_kit.ops import check_backend, dispatch
 from moe_kit.ops.capacity import capacity_of, decimal_ratio, over_capacity
+from moe_kit.ops.torch_ops import inference_ffn, use_grouped_mm
 from moe_kit.stats import RoutingStats
 
 
@@ -54,7 +57,8 @@ class MoELayer(nn.Module):
                 raise ValueError("aux_loss_type 'global_batch' is not supported with ep_group yet; use 'global'")
         self.gate = make_gate(cfg, layer_id)
         if ep_group is None:
-            self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size)
+            self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size,
+                                          bias=cfg.expert_proj_bias)
         else:
             self.experts = local_experts(cfg, ep_group)  # this rank's E / W experts
             self.gate.process_group = ep_group  # aux / z losses over the group's tokens
@@ -67,6 +71,10 @@ class MoELayer(nn.Module):
         # capacity_factor as an exact ratio of ints, computed here so compiled forwards need no float repr
         self._capacity_ratio = None if cfg.capacity_factor is None else decimal_ratio(cfg.capacity_factor)
         self.routing_hook = None  # moe_kit.record_routing / replay_routing: stands in for self.route
+        self._inference_ready = (  # the build-time half of _cpu_inference
+            ep_group is None and cfg.capacity_factor is None and not self.gate.marks_unrouted
+            and cfg.backend in ("auto", "torch") and not cfg.expert_proj_bias and cfg.deterministic is not True
+        )
 
     def reset_parameters(self) -> None:
         """Initialize every parameter and buffer (router, expert bias and counts, hash table,
@@ -78,10 +86,11 @@ class MoELayer(nn.Module):
             seed = int(torch.randint(0, 2**62, (), device="cpu")) + torch.distributed.get_rank(self.ep_group)
             with torch.random.fork_rng(devices=[]), torch.device("cpu"):
                 torch.default_generator.manual_seed(seed)
-                fresh = GroupedExperts(self.experts.num_experts, self.cfg.hidden_size, self.cfg.intermediate_size)
+                fresh = GroupedExperts(self.experts.num_experts, self.cfg.hidden_size, self.cfg.intermediate_size,
+                                       bias=self.cfg.expert_proj_bias)
             with torch.no_grad():
-                self.experts.gate_up_proj.copy_(fresh.gate_up_proj)
-                self.experts.down_proj.copy_(fresh.down_proj)
+                for name, param in fresh.named_parameters():  # weights, and biases with expert_proj_bias
+                    getattr(self.experts, name).copy_(param)
         if self.shared_experts is not None:
             for module in self.shared_experts.modules():
                 if isinstance(module, nn.Linear):
@@ -98,10 +107,13 @@ class MoELayer(nn.Module):
         gate_mask = None if mask is None else mask.view(x.shape[:-1])
         route = self.route if self.routing_hook is None else self.routing_hook
         weights, indices = route(x, input_ids, gate_mask)
-        dtype = compute_dtype(x)
+        if mask is None and self._cpu_inference(x):
+            return self._inference_experts(x, weights, indices)
+        autocast = autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype  # the experts follow autocast
         x_flat = cast(x.reshape(-1, self.cfg.hidden_size), dtype)  # [N, D]
         marked = indices if mask is None else indices.masked_fill(~mask.unsqueeze(1), self.cfg.num_experts)
-        with autocast_off(x.device.type):
+        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
             if x.is_meta:  # shapes only: no routing plan can be built from meta indices
                 routed = torch.zeros_like(x_flat)
             elif self.ep_group is not None:
@@ -112,6 +124,30 @@ class MoELayer(nn.Module):
             if self.shared_experts is not None:
                 out = out + self.shared_experts(x_flat)
         return out.view(*x.shape[:-1], self.cfg.hidden_size)
+
+    def _cpu_inference(self, x: torch.Tensor) -> bool:
+        """Whether this forward's experts take the eager CPU inference path (torch_ops.inference_ffn):
+        no grad, CPU, no autocast, tokens present, a dtype and widths grouped_mm runs, and (fixed at
+        build) local experts, no capacity, a gate that never marks "no expert", no expert biases, the
+        torch backend. What it skips (routing plan, backward bookkeeping, the general dispatch) is
+        a third of the time at decode sizes."""
+        cfg = self.cfg
+        return (
+            self._inference_ready and not torch.is_grad_enabled() and x.device.type == "cpu" and x.numel() > 0
+            and not torch.is_autocast_enabled("cpu")
+            and use_grouped_mm(x.dtype, x.device, 2 * cfg.intermediate_size, cfg.hidden_size, cfg.intermediate_size)
+        )
+
+    def _inference_experts(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The rest of forward on the CPU inference path: routed + shared experts, stats."""
+        x_flat = x.reshape(-1, self.cfg.hidden_size)
+        experts = self.experts
+        out = inference_ffn(x_flat, weights, indices, cast(experts.gate_up_proj, x.dtype),
+                            cast(experts.down_proj, x.dtype), self.cfg.activation, self.cfg.swiglu_limit)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x_flat)
+        self._remember(indices, None, None)
+        return out.view(x.shape)
 
     def route(self, x: torch.Tensor, input_ids=None, token_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The gate's (weights [N, k], indices [N, k]) for x; `routing_hook` (moe_kit.replay) may stand in."""
@@ -147,6 +183,8 @@ class MoELayer(nn.Module):
             has_dropped=mask is not None or dropped is not None or gate_marks,  # some ids may be E
             activation=self.cfg.activation,
             pad_to=pad_to,
+            deterministic=self.cfg.deterministic,
+            **self.experts.biases(dtype),  # None unless cfg.expert_proj_bias
         )
         self._remember(marked, dropped, mask)
         return routed
@@ -179,6 +217,7 @@ class MoELayer(nn.Module):
             None if self.gate.marks_unrouted else self.cfg.capacity_factor,
             self.cfg.drop_policy,
             self.cfg.activation,
+            **self.experts.biases(dtype),  # this rank's experts' biases, None unless cfg.expert_proj_bias
         )
         self._remember(marked, result.dropped, mask, load=result.load.detach(), slots=result.num_slots)
         return result.out
@@ -188,18 +227,21 @@ class MoELayer(nn.Module):
 
         indices [N, k] (E = no expert), dropped int [] or None, mask bool [N] or None; load [E] and
         slots given by expert parallelism (the group's, not this rank's)."""
-        expert_bias = getattr(self.gate, "expert_bias", None)
-        self._last = dict(
-            indices=indices.detach(),
+        gate = self.gate
+        expert_bias = getattr(gate, "expert_bias", None)
+        # a plain attribute: object.__setattr__ skips nn.Module's parameter / module / buffer checks,
+        # microseconds that count at decode sizes
+        object.__setattr__(self, "_last", dict(
+            indices=indices,  # integer: never part of a graph
             mask=mask,
             load=load,
             slots=slots,
             dropped=dropped,
-            aux_loss=self.gate.aux_loss,
-            z_loss=self.gate.z_loss,
+            aux_loss=gate.aux_loss,
+            z_loss=gate.z_loss,
             bias=None if expert_bias is None else expert_bias.detach().clone(),
-            unrouted=getattr(self.gate, "unrouted_fraction", None),
-        )
+            unrouted=getattr(gate, "unrouted_fraction", None),
+        ))
 
     @property
     def stats(self) -> RoutingStats | None:
@@ -240,9 +282,3 @@ def make_gate(cfg: MoEConfig, layer_id: int = 0) -> nn.Module:
     if cfg.routing == "sinkhorn":
         return SinkhornGate(cfg)
     return TopKGate(cfg)
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the experts run in: autocast's for x's device when autocast is on, else x's."""
-    device_type = x.device.type
-    return torch.get_autocast_dtype(device_type) if autocast_enabled(device_type) else x.dtype

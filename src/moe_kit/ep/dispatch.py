@@ -10,7 +10,8 @@ N local tokens, k slots per token, S = N*k local slots, R rows received for our 
        whole group, ties to the earlier slot of the batch concatenated in rank order; that is
        moe_kit.ops.capacity's rule on one process. The routing weights travel along (no grad) so
        the expert's owner decides; the slots it drops come back as zeros.
-    5. run the local experts on the R rows with weight 1 (the configured backend)
+    5. run the local experts on the R rows with weight 1 (the configured backend; expert biases, if
+       any, are this rank's slices [El, .] and ride along with each row's expert output)
     6. all_to_all the results back [R, D] -> [S, D]; combine on the source rank:
        out[n] = sum_j weights[n, j] * y[slot n*k + j]
 Routing weights never leave their rank, so d(weights), hence the gate gradient, stay local and
@@ -48,7 +49,8 @@ def expert_slice(num_experts: int, group) -> tuple[int, int]:
 
 
 def local_experts(cfg: MoEConfig, group) -> GroupedExperts:
-    """This rank's slice of the experts: GroupedExperts(E / W, D, I).
+    """This rank's slice of the experts: GroupedExperts(E / W, D, I) (with biases under
+    cfg.expert_proj_bias: rows r*El .. (r+1)*El - 1 of the single-process [E, .] biases).
 
     Every rank draws one seed from the global RNG (the same draw everywhere, so modules built
     later stay identical across ranks) and initializes its experts from seed + rank, so ranks hold
@@ -59,10 +61,10 @@ def local_experts(cfg: MoEConfig, group) -> GroupedExperts:
     seed = int(torch.randint(0, 2**62, (), device="cpu")) + dist.get_rank(group)
     device = torch.empty(0).device  # where new parameters land (torch.set_default_device)
     if device.type == "meta":
-        return GroupedExperts(count, cfg.hidden_size, cfg.intermediate_size)
+        return GroupedExperts(count, cfg.hidden_size, cfg.intermediate_size, bias=cfg.expert_proj_bias)
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.default_generator.manual_seed(seed)
-        experts = GroupedExperts(count, cfg.hidden_size, cfg.intermediate_size)
+        experts = GroupedExperts(count, cfg.hidden_size, cfg.intermediate_size, bias=cfg.expert_proj_bias)
     return experts.to(device)
 
 
@@ -132,6 +134,9 @@ def ep_moe_ffn(
     capacity_factor: float | None = None,
     drop_policy: str = "probs",
     activation: str = "silu",
+    *,
+    gate_up_proj_bias: torch.Tensor | None = None,
+    down_proj_bias: torch.Tensor | None = None,
 ) -> EPResult:
     """Routed SwiGLU experts held across `group` (see the module doc for the steps).
 
@@ -140,13 +145,15 @@ def ep_moe_ffn(
             global expert ids in 0..E-1, E = El * W; id E marks a slot that gets no expert
             (padding): it never travels, counts for no load or capacity, and contributes zero.
         gate_up_proj: [El, 2I, D] and down_proj [El, D, I]: this rank's experts, in x's dtype.
+        gate_up_proj_bias [El, 2I], down_proj_bias [El, D]: their optional biases (expert_proj_bias);
+            the down bias is part of the expert output, so the source rank's combine weights it.
         group: the expert-parallel process group; every rank of it must call with the same config.
         capacity_factor: None (dropless) or the factor of the group-wide capacity rule.
         activation: the gated activation of the experts (moe_kit.activations).
         drop_policy: "probs" (heaviest slots stay) or "position" (earliest slots of the batch
             concatenated in rank order stay), as moe_kit.ops.capacity on one process.
     Returns:
-        EPResult with out [N, D], differentiable in x, weights and both expert weight tensors.
+        EPResult with out [N, D], differentiable in x, weights and the expert tensors.
     """
     num_local = gate_up_proj.shape[0]
     num_experts = num_local * dist.get_world_size(group)
@@ -169,7 +176,8 @@ def ep_moe_ffn(
     y = dispatch(
         recv_x, ones, expert.unsqueeze(1), gate_up_proj, down_proj, backend, swiglu_limit,
         has_dropped=capacity_factor is not None, activation=activation,
-    )  # [R, D], zeros for dropped rows
+        gate_up_proj_bias=gate_up_proj_bias, down_proj_bias=down_proj_bias,
+    )  # [R, D], zeros (no bias either) for dropped rows
     y_rows = all_to_all(y, ex.recv_splits, ex.send_splits, group)  # [S_kept, D], back in plan order
     if kept < ex.plan.slot_of_row.numel():  # marked slots contribute zeros
         y_rows = torch.cat([y_rows, y_rows.new_zeros(ex.plan.slot_of_row.numel() - kept, y_rows.shape[1])])

@@ -7,7 +7,6 @@ torch.autocast (autocast would run the router linear in bf16 and change which ex
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -36,14 +35,6 @@ def autocast_enabled(device_type: str) -> bool:
     if available is None and device_type not in ("cpu", "cuda", "xpu", "mps", "hpu"):
         return False
     return torch.is_autocast_enabled(device_type)
-
-
-def autocast_off(device_type: str):
-    """A context that switches torch.autocast off for `device_type` while it is on (else a no-op,
-    which costs nothing at decode sizes)."""
-    if not autocast_enabled(device_type):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, enabled=False)
 
 
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -90,6 +81,8 @@ class Router(nn.Module):
             raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
         self.cfg = cfg.frozen_copy()  # later edits of the caller's config cannot change this gate
         self._aux_pairs = self.cfg.aux_losses  # ((aux_loss_type, coef), ...) with coef > 0
+        self._has_losses = bool(self._aux_pairs) or self.cfg.z_loss_coef > 0
+        self._sequence_aux = any(kind == "sequence" for kind, _ in self._aux_pairs)  # needs [B, S, D] input
         self.num_experts = cfg.num_experts
         self.top_k = cfg.top_k
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
@@ -138,10 +131,13 @@ class Router(nn.Module):
 
     def router_linear(self, x_flat: torch.Tensor) -> torch.Tensor:
         """[N, D] -> [N, E]: x W^T (+ bias) in the router dtype, outside autocast, no jitter."""
+        device_type = x_flat.device.type
+        if autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return self.router_linear(x_flat)
         dtype = self.cfg.router_dtype
-        with autocast_off(x_flat.device.type):
-            bias = None if self.bias is None else cast(self.bias, dtype)
-            return torch.nn.functional.linear(cast(x_flat, dtype), cast(self.weight, dtype), bias)
+        bias = None if self.bias is None else cast(self.bias, dtype)
+        return torch.nn.functional.linear(cast(x_flat, dtype), cast(self.weight, dtype), bias)
 
     def _score(self, x: torch.Tensor, token_mask=None):
         """x [..., D] -> (scores [N, E], logits [N, E] in the router dtype, batch_shape, mask bool [N] or None)."""
@@ -151,27 +147,39 @@ class Router(nn.Module):
         logits = self._logits(x_flat)
         return routing_scores(logits, self.cfg.score_func), logits, batch_shape, mask
 
-    def _finish_weights(self, scores, indices, logits, batch_shape, mask=None, aux_indices=None) -> torch.Tensor:
+    def _finish_weights(self, scores, indices, logits, batch_shape, mask=None, aux_indices=None,
+                        chosen=None) -> torch.Tensor:
         """Gather the unbiased scores of the chosen experts, normalize, scale, compute the losses.
 
         scores/logits [N, E], indices [N, k], mask bool [N] or None (False = padding, ignored by
         the losses and the entropy), aux_indices [N, k]: the experts the aux loss counts (default:
-        the plain top-k of the unbiased scores). Returns the routing weights [N, k] in the router dtype.
+        the plain top-k of the unbiased scores); chosen [N, k]: when indices are the plain top-k of the
+        scores, topk's values (saves the gather). Returns the routing weights [N, k] in the router dtype.
         """
         if self.track_entropy:
             self.entropy = score_entropy(scores if mask is None else scores[mask])
-        weights = scores.gather(1, indices)  # [N, k]
+        weights = self._weights(scores, indices, chosen)
+        return self._with_losses(weights, scores, logits, batch_shape, mask, aux_indices)
+
+    def _weights(self, scores: torch.Tensor, indices: torch.Tensor, chosen=None) -> torch.Tensor:
+        """The routing weights [N, k]: the chosen experts' unbiased scores, normalized (norm_topk_prob)
+        and scaled (route_scale); chosen as in _finish_weights."""
+        weights = scores.gather(1, indices) if chosen is None else chosen  # [N, k]
         if self.cfg.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(SUM_FLOOR)  # finite grad at underflow
+            total = weights.sum(dim=-1, keepdim=True)
+            if chosen is None or self.cfg.score_func != "softmax":  # the plain top-k of a softmax holds
+                total = total.clamp_min(SUM_FLOOR)  # its max, >= 1/E; others may underflow: finite grad
+            weights = weights / total
         if self.cfg.route_scale != 1.0:
             weights = weights * self.cfg.route_scale
-        return self._with_losses(weights, scores, logits, batch_shape, mask, aux_indices)
+        return weights
 
     def _with_losses(self, weights, scores, logits, batch_shape, mask=None, aux_indices=None) -> torch.Tensor:
         """Compute the balancing losses and, in loss_mode "attach", attach them to `weights` [N, k]
         (returned unchanged in value); in "return" keep their sum in `balancing_term`."""
         total = self._balancing_losses(scores, logits, batch_shape, mask, aux_indices)
-        self.balancing_term = None
+        if self.balancing_term is not None:  # (nn.Module.__setattr__ costs microseconds: skip it when unchanged)
+            self.balancing_term = None
         if total is None or not torch.is_grad_enabled():
             return weights
         if self.cfg.loss_mode == "return":
@@ -191,11 +199,11 @@ class Router(nn.Module):
         biased or group-limited selection; a hash router passes its table's experts instead.
         Several aux types (cfg.aux_losses) add up, each times its own coefficient.
         """
-        self.aux_loss = self.z_loss = None
         cfg = self.cfg
         pairs = self._aux_pairs  # ((aux_loss_type, coef), ...) with coef > 0
         if not pairs and cfg.z_loss_coef <= 0:
-            return None
+            return None  # aux_loss / z_loss stay None: no coefficient ever sets them
+        self.aux_loss = self.z_loss = None
         if aux_indices is None:
             aux_indices = scores.detach().topk(self.top_k, dim=-1).indices  # [N, k]
         if self.process_group is not None:  # expert parallel: every rank joins, even with no tokens
@@ -254,7 +262,7 @@ class Router(nn.Module):
         self.global_batch_counts = None
 
     def _check_sequence_shape(self, x: torch.Tensor) -> tuple[int, ...]:
-        if x.dim() != 3 and any(kind == "sequence" for kind, _ in self._aux_pairs):
+        if self._sequence_aux and x.dim() != 3:
             raise ValueError(
                 f"aux_loss_type='sequence' needs input shaped [B, S, D], got shape {tuple(x.shape)}"
             )

@@ -21,6 +21,8 @@ import torch
 from moe_kit.balancing import is_recomputing, slot_weights
 from moe_kit.config import MoEConfig
 from moe_kit.gates.router import Router
+from moe_kit.gates.scores import routing_scores
+from moe_kit.stats import score_entropy
 
 _FP32_STATE = ("expert_bias",)  # buffers kept fp32 whatever dtype the model is cast to
 
@@ -78,15 +80,43 @@ class TopKGate(Router):
     # ------------------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if token_mask is None and not (self.training or torch.is_grad_enabled()):
+            return self._route_eval(x)  # inference: the same result with the fewest steps
         scores, logits, batch_shape, mask = self._score(x, token_mask)  # [N, E] each
+        chosen, indices = self._select(scores)
+        self._count(indices, mask)
+        aux_indices = None if chosen is None else indices  # the plain top-k: what the aux loss counts
+        return self._finish_weights(scores, indices, logits, batch_shape, mask, aux_indices, chosen), indices
+
+    def _route_eval(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward(x) of an eval-mode gate under no_grad without token_mask: the same weights,
+        indices, loss values and entropy, without the training-only steps (jitter, counts, attached
+        losses) and their checks: at decode sizes each step's microseconds are what is measured."""
+        batch_shape = self._check_sequence_shape(x)
+        x_flat = self._flat_input(x)
+        logits = self.router_linear(x_flat)
+        scores = routing_scores(logits, self.cfg.score_func)  # [N, E]
+        chosen, indices = self._select(scores)
+        if self.track_entropy:
+            self.entropy = score_entropy(scores)
+        if self._has_losses:  # their values, for stats: nothing reaches a backward under no_grad
+            self._balancing_losses(scores, logits, batch_shape, None, None if chosen is None else indices)
+        if self.balancing_term is not None:
+            self.balancing_term = None
+        return self._weights(scores, indices, chosen), indices
+
+    def _select(self, scores: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """scores [N, E] -> (chosen [N, k] or None, indices int64 [N, k]): the top-k experts of the
+        selection scores (plus expert_bias, within the best groups); chosen holds their scores when
+        the selection is the plain top-k of the scores (topk's values: no gather needed), else None."""
+        if self.expert_bias is None and self.cfg.n_groups == 1:  # selection = the scores themselves
+            return scores.topk(self.top_k, dim=-1)
         choice = scores.detach()
         if self.expert_bias is not None:
             choice = choice + self.expert_bias.to(device=choice.device, dtype=choice.dtype)
         if self.cfg.n_groups > 1:
             choice = self._limit_groups(choice)
-        indices = choice.topk(self.top_k, dim=-1).indices  # [N, k]
-        self._count(indices, mask)
-        return self._finish_weights(scores, indices, logits, batch_shape, mask), indices
+        return None, choice.topk(self.top_k, dim=-1).indices  # [N, k]
 
     def _limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
         """Mask to -inf every expert outside the token's best topk_groups groups."""
@@ -100,14 +130,14 @@ class TopKGate(Router):
         dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, best, False)
         return grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).view(num_tokens, self.num_experts)
 
-    @torch.no_grad()
     def _count(self, indices: torch.Tensor, mask: torch.Tensor | None) -> None:
         """Add the chosen experts of real tokens to expert_counts (see the counting policy above)."""
         if self.expert_counts is None or not self.training or indices.is_meta:
             return
-        counts = self.current_counts()
-        weight = slot_weights(indices, mask, counts.dtype)
-        add_expert_counts(counts, indices.reshape(-1).to(counts.device), weight.to(counts.device))
+        with torch.no_grad():
+            counts = self.current_counts()
+            weight = slot_weights(indices, mask, counts.dtype)
+            add_expert_counts(counts, indices.reshape(-1).to(counts.device), weight.to(counts.device))
 
     def current_counts(self) -> torch.Tensor:
         """expert_counts [E] fp32, on the expert bias's device (recreated as zeros if it was left on

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_kit.activations import ACTIVATIONS, act_fn
+from moe_kit.activations import ACTIVATIONS, UP_OFFSET, act_fn
 from moe_kit.config import MoEConfig
 from moe_kit.layer import MoELayer
 
@@ -55,6 +55,8 @@ def dense_swiglu_weights(dense_mlp: nn.Module) -> tuple[torch.Tensor, torch.Tens
 def activation_of(fn) -> str | None:
     """The name in moe_kit.activations.ACTIVATIONS of the elementwise function `fn` ("silu",
     "gelu", "gelu_tanh", "relu"), found on a CPU probe spanning [-8, 8]; None for anything else.
+    Only the plain gated forms act(gate) * up are candidates: "swiglu_oai" also adds 1 to up, which
+    an activation function alone cannot show (quick_gelu in a plain gate * up block is not it).
     The probe lives on the CPU whatever the default device (a model built under
     torch.device("meta") keeps stateless activations that run on any device)."""
     probe = torch.linspace(-8.0, 8.0, 33, device="cpu", dtype=torch.float32)
@@ -66,7 +68,7 @@ def activation_of(fn) -> str | None:
         return None
     out = out.float()
     for name in ACTIVATIONS:
-        if torch.allclose(out, act_fn(probe, name), atol=1e-6):
+        if name not in UP_OFFSET and torch.allclose(out, act_fn(probe, name), atol=1e-6):
             return name
     return None
 

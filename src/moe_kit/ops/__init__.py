@@ -1,4 +1,4 @@
-"""Functional MoE dispatch: `moe_ffn(x, weights, indices, gate_up_proj, down_proj, backend)`.
+"""Functional MoE dispatch: `moe_ffn(x, weights, indices, gate_up_proj, down_proj, backend)`, optional expert biases.
 
 Legend: N tokens, k slots per token, E experts, D model width, I expert hidden width.
 """
@@ -77,6 +77,9 @@ def moe_ffn(
     swiglu_limit: float | None = None,
     activation: str = "silu",
     recompute: str = "act",
+    gate_up_proj_bias: torch.Tensor | None = None,
+    down_proj_bias: torch.Tensor | None = None,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """Routed gated experts: sum_j weights[:, j] * FFN_{indices[:, j]}(x), FFN = down(act(gate) * up).
 
@@ -89,19 +92,29 @@ def moe_ffn(
         backend: "auto" | "triton" | "torch" | "loop" (auto: "torch" until the Triton kernels have
             passed benchmarks/gpu_suite.py on a real GPU; see TRITON_GPU_SUITE_PASSED).
         swiglu_limit: optional clamp (gate <= limit, |up| <= limit) before act(gate) * up.
-        activation: "silu" (SwiGLU, default) | "gelu" | "gelu_tanh" | "relu". The Triton kernels
-            have silu only; other activations run on the torch backend when "triton" is asked.
+        activation: "silu" (SwiGLU, default) | "gelu" | "gelu_tanh" | "relu" | "swiglu_oai"
+            (gpt-oss: (up + 1) * gate * sigmoid(1.702 * gate)). The Triton kernels have silu only;
+            other activations run on the torch backend when "triton" is asked.
         recompute: what the torch backend rebuilds in the backward instead of saving: "act" (default:
             saves h [N*k, 2I], regathers x rows and recomputes the activation) or "gemm1" (saves no
             [N*k, .] tensor, runs the first GEMM again: less memory, ~20% more fwd+bwd time on CPU).
             The Triton backend always saves h.
+        gate_up_proj_bias: optional [E, 2I] (gate half, then up half) added to the first GEMM's output.
+        down_proj_bias: optional [E, D] added to the second's, before the routing weight (gpt-oss:
+            FFN = down(act(gate_up(x) + b1)) + b2, weighted as a whole). With either bias "triton"
+            runs the torch backend (its kernels have no bias).
+        deterministic: how each token's k expert outputs (and, in the backward, its k input-gradient
+            rows) are summed. None (default): a fixed order on CUDA (bitwise run-to-run), index_add
+            on CPU (deterministic there too). True: a fixed order everywhere. False: atomic adds
+            (Triton: fused into the GEMM epilogue, no [N*k, D] buffer; last-bit run-to-run
+            differences on a GPU). torch.use_deterministic_algorithms(True) overrides False.
     Returns:
-        [N, D] in x.dtype, differentiable in x, weights, gate_up_proj and down_proj.
+        [N, D] in x.dtype, differentiable in x, weights, gate_up_proj and down_proj (and the biases).
 
     An expert id outside 0..E-1 raises IndexError in eager mode; under torch.compile the check
     is a device-side assert (RuntimeError), so the compiled graph has no host synchronization.
     """
-    check_moe_ffn_inputs(x, weights, indices, gate_up_proj, down_proj)
+    check_moe_ffn_inputs(x, weights, indices, gate_up_proj, down_proj, gate_up_proj_bias, down_proj_bias)
     check_activation(activation)
     num_experts = gate_up_proj.shape[0]
     if torch.compiler.is_compiling():
@@ -113,29 +126,41 @@ def moe_ffn(
             bad = indices[(indices < 0) | (indices >= num_experts)][0].item()
             raise IndexError(f"expert id {bad} in indices is out of range for {num_experts} experts")
     return dispatch(x, weights, indices, gate_up_proj, down_proj, backend, swiglu_limit, activation=activation,
-                    recompute=recompute)
+                    recompute=recompute, gate_up_proj_bias=gate_up_proj_bias, down_proj_bias=down_proj_bias,
+                    deterministic=deterministic)
 
 
 def dispatch(x, weights, indices, gate_up_proj, down_proj, backend, swiglu_limit=None, has_dropped=False,
-             activation="silu", recompute="act", pad_to=None):
+             activation="silu", recompute="act", pad_to=None, gate_up_proj_bias=None, down_proj_bias=None,
+             deterministic=None):
     """moe_ffn without input checks; ids == E mark dropped slots when `has_dropped`; pad_to: every
-    expert's GEMMs on exactly pad_to rows (torch backend; other backends compute the same values)."""
+    expert's GEMMs on exactly pad_to rows (torch backend; other backends compute the same values);
+    deterministic as moe_ffn's."""
     backend = resolve_backend(backend, x.device)
+    biases = dict(gate_up_proj_bias=gate_up_proj_bias, down_proj_bias=down_proj_bias)
     if backend == "loop":
-        return moe_ffn_loop(x, weights, indices, gate_up_proj, down_proj, swiglu_limit, activation)
-    if backend == "triton" and activation == "silu":
+        return moe_ffn_loop(x, weights, indices, gate_up_proj, down_proj, swiglu_limit, activation, **biases)
+    if backend == "triton" and activation == "silu" and gate_up_proj_bias is None and down_proj_bias is None:
         from moe_kit.ops.triton import SUPPORTED_DTYPES, moe_ffn_triton  # imports triton on first use
 
         if x.dtype in SUPPORTED_DTYPES:
-            return moe_ffn_triton(x, weights, indices, gate_up_proj, down_proj, swiglu_limit, has_dropped)
+            return moe_ffn_triton(x, weights, indices, gate_up_proj, down_proj, swiglu_limit, has_dropped,
+                                  deterministic)
         # other dtypes (float64) have no Triton kernels: the torch backend computes them
-    return moe_ffn_torch(x, weights, indices, gate_up_proj, down_proj, swiglu_limit, has_dropped,
-                         activation=activation, recompute=recompute, pad_to=pad_to)
+    # other activations and expert biases have no Triton kernels either
+    if deterministic is False and torch.are_deterministic_algorithms_enabled():
+        deterministic = True
+    return moe_ffn_torch(x, weights, indices, gate_up_proj, down_proj, swiglu_limit, has_dropped, deterministic,
+                         activation=activation, recompute=recompute, pad_to=pad_to, **biases)
 
 
-def check_moe_ffn_inputs(x, weights, indices, gate_up_proj, down_proj) -> None:
+def check_moe_ffn_inputs(x, weights, indices, gate_up_proj, down_proj, gate_up_proj_bias=None,
+                         down_proj_bias=None) -> None:
     """Raise TypeError/ValueError naming the first inconsistent argument."""
-    for name, t in (("x", x), ("weights", weights), ("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+    biases = {name: t for name, t in (("gate_up_proj_bias", gate_up_proj_bias), ("down_proj_bias", down_proj_bias))
+              if t is not None}
+    named = (("x", x), ("weights", weights), ("gate_up_proj", gate_up_proj), ("down_proj", down_proj), *biases.items())
+    for name, t in named:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
@@ -162,6 +187,15 @@ def check_moe_ffn_inputs(x, weights, indices, gate_up_proj, down_proj) -> None:
             f"x ({x.dtype}), gate_up_proj ({gate_up_proj.dtype}) and down_proj ({down_proj.dtype}) "
             "must share one dtype"
         )
-    devices = {t.device for t in (x, weights, indices, gate_up_proj, down_proj)}
+    for name, shape in (("gate_up_proj_bias", (num_experts, two_i)), ("down_proj_bias", (num_experts, hidden))):
+        bias = biases.get(name)
+        if bias is None:
+            continue
+        if tuple(bias.shape) != shape:
+            raise ValueError(f"{name} {tuple(bias.shape)} must be {list(shape)} for gate_up_proj "
+                             f"{tuple(gate_up_proj.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"{name} ({bias.dtype}) must have x's dtype ({x.dtype}), as the expert weights")
+    devices = {t.device for t in (x, weights, indices, gate_up_proj, down_proj, *biases.values())}
     if len(devices) > 1:
         raise ValueError(f"all moe_ffn inputs must be on one device, got {sorted(map(str, devices))}")

@@ -19,11 +19,16 @@ def moe_ffn_loop(
     down_proj: torch.Tensor,
     swiglu_limit: float | None = None,
     activation: str = "silu",
+    *,
+    gate_up_proj_bias: torch.Tensor | None = None,
+    down_proj_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [N, D], weights [N, k], indices int [N, k] -> [N, D] in x.dtype; ids >= E (dropped slots) are skipped.
 
-    Under torch.autocast the GEMMs run in the autocast dtype; each expert's contribution is cast
-    back to x.dtype before it is summed.
+    Expert e on its rows x_e: h = x_e @ gate_up_proj[e]^T (+ gate_up_proj_bias[e] [2I]),
+    y = act(h) @ down_proj[e]^T (+ down_proj_bias[e] [D]), out += weight * y (the down bias is
+    weighted like the rest of the expert's output, as gpt-oss). Under torch.autocast the GEMMs run
+    in the autocast dtype; each expert's contribution is cast back to x.dtype before it is summed.
     """
     out = torch.zeros_like(x)
     ran = False
@@ -32,9 +37,14 @@ def moe_ffn_loop(
         if token.numel() == 0:
             continue
         ran = True
-        hidden = swiglu(x[token] @ gate_up_proj[expert].t(), swiglu_limit, activation)  # [n_e, I]
-        y = hidden @ down_proj[expert].t()  # [n_e, D]
+        h = x[token] @ gate_up_proj[expert].t()  # [n_e, 2I]
+        if gate_up_proj_bias is not None:
+            h = h + gate_up_proj_bias[expert]
+        y = swiglu(h, swiglu_limit, activation) @ down_proj[expert].t()  # [n_e, D]
+        if down_proj_bias is not None:
+            y = y + down_proj_bias[expert]
         out = out.index_add(0, token, (y * weights[token, slot].unsqueeze(1).to(y.dtype)).to(out.dtype))
     if not ran:  # no expert ran: the zero output still depends (with zero gradient) on every input
-        out = out + 0.0 * (x.sum() + weights.sum().to(x.dtype) + gate_up_proj.sum() + down_proj.sum())
+        tensors = [t for t in (gate_up_proj, down_proj, gate_up_proj_bias, down_proj_bias) if t is not None]
+        out = out + 0.0 * (x.sum() + weights.sum().to(x.dtype) + sum(t.sum() for t in tensors))
     return out

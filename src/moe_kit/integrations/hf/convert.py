@@ -9,6 +9,15 @@ optimizer built before the conversion still sees them). From then on moe_kit's b
 (aux / z losses, expert-bias updates), routing stats and backends apply. `convert_back(model)`
 builds the transformers blocks again around the same tensors, so the state_dict loads into the
 original class and `save_pretrained` writes a normal checkpoint.
+
+Experts stored in another layout than moe_kit's (gpt-oss: gate_up_proj [E, D, 2I] with gate/up
+columns interleaved, down_proj [E, I, D], gate_up_proj_bias interleaved; layout.ExpertsLayout) are
+put in moe_kit's layout once, at convert, in place: the same nn.Parameter objects get relaid data
+(and gradients), so the MoELayer runs with no per-call copy. convert_back relays them back. The
+converted layer's state_dict (save_pretrained) gives transformers' key names *and* layout, and
+load_state_dict takes them, so checkpoints stay plain transformers checkpoints. An optimizer built
+before convert keeps the same parameters, but any state it already holds for them (Adam moments)
+is in the old layout: build it after convert for these families.
 """
 
 from __future__ import annotations
@@ -23,11 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_kit.activations import act_fn
+from moe_kit.activations import UP_OFFSET, swiglu_parts
 from moe_kit.config import MoEConfig
 from moe_kit.integrations.hf.capture import RECORDER, check_recordable, recorder_for, rehook
 from moe_kit.integrations.hf.converted import ConvertedMoELayer
-from moe_kit.integrations.hf.layout import experts_activation, is_hf_experts
+from moe_kit.integrations.hf.layout import ExpertsLayout, experts_dims, experts_layout, is_hf_experts
 from moe_kit.integrations.hf.specs import (
     BlockSpec,
     check_block,
@@ -114,6 +123,7 @@ def _convert(model: nn.Module, overrides: dict, verified_only: bool = True, both
         except ValueError as error:
             raise ValueError(f"{name} ({type(block).__name__}, {family(block)}): {error}") from None
     for name, layer in layers.items():
+        layer._hf_key_names.relayout(layer, to_hf=False)  # no-op but for transposed / interleaved experts
         _replace(model, name, layer)
         rehook(model, name)  # transformers' capture hooks, when the model installed them already
     return list(layers)
@@ -148,13 +158,16 @@ def convert_back(model: nn.Module) -> list[str]:
 
 def _to_moe_layer(block: nn.Module, spec: BlockSpec, layer_idx: int | None, overrides: dict,
                   both_aux_losses: bool = False) -> MoELayer:
-    activation, limit = experts_activation(block.experts)
+    """The MoELayer of `block`, holding its parameter objects; experts in another layout still
+    hold transformers' layout here (HFKeyNames.relayout, once every block has converted)."""
+    layout = experts_layout(block.experts)
+    activation, limit = layout.activation, layout.limit
     if not layer_applies_activation(activation):
         raise ValueError(
             f"its experts use {activation}(gate) * up, and this moe_kit's MoELayer does not apply "
             f"MoEConfig.activation={activation!r} yet (the experts implementation, register(), runs it)"
         )
-    num_experts, two_i, hidden = block.experts.gate_up_proj.shape
+    num_experts, inter, hidden = experts_dims(block.experts)
     check_block(block, spec)
     routing = spec.routing(block) if spec.routing is not None else None
     if routing is None:
@@ -169,7 +182,7 @@ def _to_moe_layer(block: nn.Module, spec: BlockSpec, layer_idx: int | None, over
     shared = _shared_width(block, spec, activation, limit)
     cfg = MoEConfig(
         hidden_size=hidden,
-        intermediate_size=two_i // 2,
+        intermediate_size=inter,
         num_experts=num_experts,
         top_k=router_top_k(getattr(block, spec.router), block),
         router_bias="gate.bias" in state_keys(spec, block).values(),
@@ -177,23 +190,26 @@ def _to_moe_layer(block: nn.Module, spec: BlockSpec, layer_idx: int | None, over
         shared_intermediate_size=shared,
         shared_expert_gate=spec.shared_gate is not None,
         swiglu_limit=limit,
+        expert_proj_bias=layout.bias,
         **({} if activation == "silu" else {"activation": activation}),
         **{**routing, **overrides},
     )
     jitter = float(getattr(block, spec.jitter) or 0.0) if spec.jitter else 0.0
     with torch.device("meta"):
         layer = ConvertedMoELayer(cfg, layer_id=layer_idx or 0, block_jitter_noise=jitter,
-                                  logits_dtype=router_logits_dtype(block, spec), both_aux_losses=both_aux_losses)
+                                  logits_dtype=router_logits_dtype(block, spec), both_aux_losses=both_aux_losses,
+                                  returns_scores=spec.returns_scores)
     keys = state_keys(spec, block)  # {block key: MoELayer key}
+    relaid = {f"experts.{name}" for name in layout.converters(to_hf=False)}  # same keys, other layout
     block_state = block.state_dict(keep_vars=True)
     kept = {hf: block_state[hf] for hf, moe in keys.items() if moe is None}  # e.g. LFM2's unused bias
-    _move_state(block, layer, keys, zeros=("gate.expert_bias",))  # a bias the family lacks starts at 0
+    _move_state(block, layer, keys, zeros=("gate.expert_bias",), relaid=relaid)  # a bias the family lacks: 0
     integer = {hf: t.dtype for hf, t in block_state.items() if not (t.is_floating_point() or t.is_complex())}
     layer_state = layer.state_dict(keep_vars=True)
     shapes = {hf: tuple(block_state[hf].shape) for hf, moe in keys.items()
-              if moe is not None and block_state[hf].shape != layer_state[moe].shape}
+              if moe is not None and moe not in relaid and block_state[hf].shape != layer_state[moe].shape}
     to_hf = {moe: hf for hf, moe in keys.items() if moe is not None}
-    HFKeyNames(to_hf, integer, kept, list(block_state), shapes).attach(layer)
+    HFKeyNames(to_hf, integer, kept, list(block_state), shapes, layout).attach(layer)
     layer.gate.add_module(RECORDER, recorder_for(getattr(block, spec.router)))  # no state: see capture.py
     layer.train(block.training)
     layer._hf_origin = HFOrigin(type(block), block.experts.config, layer_idx)
@@ -201,6 +217,7 @@ def _to_moe_layer(block: nn.Module, spec: BlockSpec, layer_idx: int | None, over
 
 
 def _to_hf_block(layer: MoELayer, origin: HFOrigin, name: str) -> nn.Module:
+    layer._hf_key_names.relayout(layer, to_hf=True)  # experts back in transformers' layout, if it differs
     takes_layer_idx = "layer_idx" in inspect.signature(origin.cls.__init__).parameters
     with torch.device("meta"):
         block = origin.cls(origin.config, layer_idx=origin.layer_idx) if takes_layer_idx else origin.cls(origin.config)
@@ -228,6 +245,9 @@ def _shared_width(block: nn.Module, spec: BlockSpec, activation: str, limit: flo
         return None
     shared = getattr(block, spec.shared)
     act = getattr(shared, "act_fn", None)
+    if activation in UP_OFFSET:  # an MLP's act_fn says act(gate) * up at most, never (up + 1) * ...
+        raise ValueError(f"moe_kit cannot check that its shared expert {type(shared).__name__} computes "
+                         f"{activation} as the routed experts do")
     if act is not None and activation_of(act) != activation:
         raise ValueError(f"shared expert activation {act!r} differs from the routed experts' {activation}")
     shared_limit = getattr(shared, "limit", None)
@@ -236,11 +256,12 @@ def _shared_width(block: nn.Module, spec: BlockSpec, activation: str, limit: flo
     return int(shared.gate_proj.weight.shape[0])
 
 
-def _move_state(src: nn.Module, dst: nn.Module, keys: dict[str, str | None], zeros=()) -> None:
+def _move_state(src: nn.Module, dst: nn.Module, keys: dict[str, str | None], zeros=(), relaid=()) -> None:
     """Put src's parameter / buffer objects into dst's slots named by keys (src key -> dst key;
     None: dropped). Parameters move as they are (no copy, meta ones included); buffers are cast to
     dst's dtype (fp32 expert bias, int64 tid2eid). dst buffers named in `zeros`, and those it keeps
-    outside its state_dict, start at zero (on src's device) when src has nothing for them."""
+    outside its state_dict, start at zero (on src's device) when src has nothing for them. dst
+    parameters named in `relaid` take a tensor of another layout (HFKeyNames.relayout fits it)."""
     src_state, dst_state = src.state_dict(keep_vars=True), dst.state_dict(keep_vars=True)
     unknown = sorted(set(src_state) - set(keys))
     if unknown:
@@ -257,7 +278,7 @@ def _move_state(src: nn.Module, dst: nn.Module, keys: dict[str, str | None], zer
         owner_name, _, leaf = target.rpartition(".")
         owner = dst.get_submodule(owner_name)
         if leaf in owner._parameters:
-            if tensor.shape != slot.shape:
+            if tensor.shape != slot.shape and target not in relaid:
                 raise ValueError(f"{key} {tuple(tensor.shape)} does not fit {target} {tuple(slot.shape)}")
             if not isinstance(tensor, nn.Parameter):
                 tensor = nn.Parameter(tensor.detach(), requires_grad=slot.requires_grad)
@@ -287,31 +308,62 @@ class HFKeyNames:
     moe_kit's own). to_hf: {MoELayer key: block key}; MoELayer keys without a block key (an
     expert bias the family has no place for) keep their moe_kit names. dtypes: {block key: dtype}
     of integer buffers, written back in the block's dtype (tid2eid).
+
+    layout: the block's ExpertsLayout when its experts are stored otherwise than moe_kit's
+    (gpt-oss); `relayout` moves the layer's expert parameters between the two layouts in place,
+    and while they hold moe_kit's, state_dict writes transformers' layout and load_state_dict
+    reads it (a state dict's expert tensors are always in transformers' layout).
     """
 
     def __init__(self, to_hf: dict[str, str], dtypes: dict[str, torch.dtype], kept: dict | None = None,
-                 order: list[str] | None = None, shapes: dict[str, tuple] | None = None):
+                 order: list[str] | None = None, shapes: dict[str, tuple] | None = None,
+                 layout: ExpertsLayout | None = None):
         self.to_hf = dict(to_hf)
         self.shapes = dict(shapes or {})  # {block key: its shape} where the MoELayer's differs ([1, E] bias)
         self.order = list(order or [])  # the block's own key order
         self.from_hf = {hf: moe for moe, hf in self.to_hf.items()}
         self.dtypes = dict(dtypes)
         self.kept = dict(kept or {})  # block tensors MoELayer does not use, written back as they are
+        self.layout = layout
+        self.in_hf_layout = True  # the layer's expert tensors are still transformers' (until relayout)
 
     def attach(self, layer: nn.Module) -> None:
         layer._register_state_dict_hook(self.save_hook)
         layer._register_load_state_dict_pre_hook(self.load_hook, with_module=True)
+        layer._hf_key_names = self  # convert / convert_back call relayout through it
+
+    def _converters(self, to_hf: bool) -> dict:
+        """{MoELayer key: layout function} of the expert tensors whose layout differs."""
+        if self.layout is None:
+            return {}
+        return {f"experts.{name}": fn for name, fn in self.layout.converters(to_hf).items()}
+
+    @torch.no_grad()
+    def relayout(self, layer: nn.Module, to_hf: bool) -> None:
+        """Put the layer's expert parameters (data and gradient, the same Parameter objects) in
+        transformers' layout (to_hf) or moe_kit's; nothing when they are in it already."""
+        if self.in_hf_layout == to_hf:
+            return
+        for key, fn in self._converters(to_hf).items():
+            param = layer.get_parameter(key)
+            param.data = fn(param.data).contiguous()
+            if param.grad is not None:
+                param.grad = fn(param.grad).contiguous()
+        self.in_hf_layout = to_hf
 
     def save_hook(self, module, state_dict, prefix, local_metadata) -> None:
         # This layer's entries are the last ones of state_dict: pop them all and put them back
         # renamed, in the same order, so the other keys keep their places.
         ours = [key for key in state_dict if key.startswith(prefix)]
         renamed = dict(self.kept)
+        relayouts = self._converters(to_hf=True)
         for key in ours:
             value = state_dict.pop(key)
             hf_key = self.to_hf.get(key[len(prefix):], key[len(prefix):])
             dtype = self.dtypes.get(hf_key)
             value = value if dtype is None else value.to(dtype)
+            fn = None if self.in_hf_layout else relayouts.get(key[len(prefix):])
+            value = value if fn is None else fn(value).contiguous()  # transformers' layout, always
             renamed[hf_key] = value if hf_key not in self.shapes else value.reshape(self.shapes[hf_key])
         for hf_key in [k for k in self.order if k in renamed] + [k for k in renamed if k not in self.order]:
             state_dict[prefix + hf_key] = renamed[hf_key]
@@ -324,6 +376,10 @@ class HFKeyNames:
         for hf_key in self.kept:
             if prefix + hf_key in state_dict:
                 self.kept[hf_key] = state_dict.pop(prefix + hf_key)
+        if not self.in_hf_layout:  # expert tensors come in transformers' layout: moe_kit's for the parameters
+            for key, fn in self._converters(to_hf=False).items():
+                if prefix + key in state_dict:
+                    state_dict[prefix + key] = fn(state_dict[prefix + key]).contiguous()
 
 
 # ----------------------------------------------------------------------------- finding blocks
@@ -390,7 +446,7 @@ def layer_applies_activation(activation: str) -> bool:
         shared = layer.shared_experts
         expected = moe_ffn(x, weights, indices, layer.experts.gate_up_proj, layer.experts.down_proj, "loop",
                            activation=activation)
-        expected = expected + shared.down_proj(act_fn(shared.gate_proj(x), activation) * shared.up_proj(x))
+        expected = expected + shared.down_proj(swiglu_parts(shared.gate_proj(x), shared.up_proj(x), None, activation))
         return bool(torch.allclose(layer(x), expected, atol=1e-5))
 
 

@@ -5,9 +5,17 @@ by `@use_experts_implementation`, `fn(experts, hidden_states [N, D], top_k_index
 top_k_weights [N, k]) -> [N, D]`, the function registered under
 `config._experts_implementation`. `moe_kit_experts_forward` is that function: it runs the
 experts' own `gate_up_proj` [E, 2I, D] / `down_proj` [E, D, I] through `moe_kit.ops.moe_ffn`,
-with the module's gated activation (silu, gelu, gelu_tanh, relu) and the DeepSeek-V4 clamp when
-it has one. The layout is checked once per module (`layout.experts_activation`); unsupported
-experts raise ValueError at `register(model)` or at their first forward.
+with the module's gated activation (silu, gelu, gelu_tanh, relu, gpt-oss's swiglu_oai), its
+clamp (DeepSeek-V4, gpt-oss) and its biases (gpt-oss) when it has them. The layout is checked once
+per module (`layout.experts_layout`); unsupported experts raise ValueError at `register(model)`
+or at their first forward.
+
+Experts stored in another layout (gpt-oss: transposed, gate/up columns interleaved) are put in
+moe_kit's layout on every call: one differentiable copy of gate_up_proj (and a transposed view of
+down_proj), never cached, so training, in-place updates and reloaded weights are always seen as
+they are, at the price of that copy per forward (the weights' size, every layer). To pay it once,
+`hf.convert` the model: the converted layers keep the weights in moe_kit's layout (and still save
+transformers' layout).
 
 Under torch.compile the check is `torch.compiler.assume_constant_result`: it runs eagerly while
 dynamo traces and its answer is a constant of the graph, so `fullgraph=True` holds (a refusal
@@ -19,29 +27,31 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_kit.integrations.hf.layout import experts_activation, is_hf_experts
+from moe_kit.integrations.hf.layout import ExpertsLayout, experts_layout, is_hf_experts
 from moe_kit.ops import moe_ffn
 
 NAME = "moe_kit"
 _settings = {"backend": "auto"}
 
 
-def _checked(experts: nn.Module) -> tuple[str, float | None]:
-    """(activation, swiglu_limit) of `experts`, found on its first call and kept on it."""
-    activation = getattr(experts, "_moe_kit_activation", None)
-    if activation is None:
-        return _check(experts)
-    return activation, experts._moe_kit_limit
+def _checked(experts: nn.Module) -> ExpertsLayout:
+    """The ExpertsLayout of `experts`, found on its first call and kept on it."""
+    layout = getattr(experts, "_moe_kit_layout", None)
+    if layout is None:
+        return ExpertsLayout(*_check(experts))
+    return layout
 
 
 @torch.compiler.assume_constant_result
-def _check(experts: nn.Module) -> tuple[str, float | None]:
-    """layout.experts_activation, run eagerly even while torch.compile traces (its result is a
-    constant of the module, so the compiled graph has no break; a refusal is raised at trace time)."""
-    activation, limit = experts_activation(experts)
-    experts._moe_kit_limit = limit
-    experts._moe_kit_activation = activation
-    return activation, limit
+def _check(experts: nn.Module) -> tuple:
+    """layout.experts_layout as a tuple of constants, run eagerly even while torch.compile traces
+    (its result is a constant of the module, so the compiled graph has no break; a refusal is raised
+    at trace time)."""
+    layout = experts_layout(experts)
+    experts._moe_kit_layout = layout
+    experts._moe_kit_limit = layout.limit
+    experts._moe_kit_activation = layout.activation
+    return layout.activation, layout.limit, layout.transposed, layout.interleaved, layout.bias
 
 
 def moe_kit_experts_forward(
@@ -53,17 +63,23 @@ def moe_kit_experts_forward(
             f"the moe_kit experts implementation does not run transformers' expert parallelism "
             f"({type(self).__name__} has _is_expert_parallel=True); load the model without an EP plan"
         )
-    activation, limit = _checked(self)
+    layout = _checked(self)
     dtype = hidden_states.dtype
+    gate_up, down = layout.gate_up_to_moe(self.gate_up_proj), layout.down_to_moe(self.down_proj)  # per call
+    biases = {}
+    if layout.bias:
+        biases = dict(gate_up_proj_bias=layout.gate_up_bias_to_moe(self.gate_up_proj_bias).to(dtype),
+                      down_proj_bias=self.down_proj_bias.to(dtype))
     return moe_ffn(
         hidden_states,
         top_k_weights,
         top_k_index,
-        self.gate_up_proj.to(dtype),
-        self.down_proj.to(dtype),
+        gate_up.to(dtype),
+        down.to(dtype),
         _settings["backend"],
-        swiglu_limit=limit,
-        activation=activation,
+        swiglu_limit=layout.limit,
+        activation=layout.activation,
+        **biases,
     )
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from moe_kit.config import SCORE_FUNCS, MoEConfig
 from moe_kit.gates import TopKGate
-from moe_kit.integrations.hf.layout import is_hf_experts
+from moe_kit.integrations.hf.layout import experts_dims, is_hf_experts
 
 ROUTERS = ("gate", "router")
 SHARED = ("shared_expert", "shared_experts", "shared_mlp")
@@ -48,6 +48,7 @@ class BlockSpec:
     routing: Callable[[nn.Module], dict] | None = None  # explicit routing (hash layers); None: probed
     unused: tuple[str, ...] = field(default=())  # block tensors its forward ignores (kept, not used)
     jitter: str | None = None  # attribute of the block's input jitter (INPUT_JITTER), None: it has none
+    returns_scores: bool = False  # forward returns (output, routing weights [N, k]) (SCORES_OUTPUT), not output
 
 
 # ----------------------------------------------------------------------------- structure
@@ -90,6 +91,7 @@ def block_layout(block: nn.Module) -> BlockSpec:
         block_scale=scales[0] if len(scales) == 1 else None,
         unused=unused,
         jitter="jitter_noise" if name in INPUT_JITTER and hasattr(block, "jitter_noise") else None,
+        returns_scores=name in SCORES_OUTPUT,
     )
 
 
@@ -100,8 +102,10 @@ def _has_state(module: nn.Module) -> bool:
 def state_keys(spec: BlockSpec, block: nn.Module) -> dict[str, str | None]:
     """{transformers block state key: MoELayer state key (None: kept aside, unused)} for one block."""
     keys = {"experts.gate_up_proj": "experts.gate_up_proj", "experts.down_proj": "experts.down_proj"}
+    if getattr(block.experts, "has_bias", False):  # gpt-oss (layouts: layout.ExpertsLayout)
+        keys.update({f"experts.{n}": f"experts.{n}" for n in ("gate_up_proj_bias", "down_proj_bias")})
     router = getattr(block, spec.router)
-    num_experts, hidden = block.experts.gate_up_proj.shape[0], block.experts.gate_up_proj.shape[2]
+    num_experts, _, hidden = experts_dims(block.experts)
     for key, tensor in router.state_dict(keep_vars=True).items():
         leaf = key.rpartition(".")[2]
         if tuple(tensor.shape) == (num_experts, hidden):
@@ -138,7 +142,7 @@ def probe_routing(block: nn.Module, spec: BlockSpec) -> dict:
     functions moe_kit has. Train and eval mode must both match (a router with noise in training
     matches neither)."""
     router = getattr(block, spec.router)
-    num_experts, _, hidden = block.experts.gate_up_proj.shape
+    num_experts, _, hidden = experts_dims(block.experts)
     top_k = router_top_k(router, block)
     keys = state_keys(spec, block)
     has_bias = "gate.expert_bias" in keys.values()
@@ -183,7 +187,7 @@ def router_logits_dtype(block: nn.Module, spec: BlockSpec) -> torch.dtype | None
     Qwen, OLMoE: the model dtype). Probed on a bf16 CPU copy of the router; None when the router
     cannot run alone (a hash router needs token ids)."""
     router = getattr(block, spec.router)
-    num_experts, _, hidden = block.experts.gate_up_proj.shape
+    num_experts, _, hidden = experts_dims(block.experts)
     probe = _cpu_copy(router).to(torch.bfloat16)
     x = torch.zeros(2, hidden, dtype=torch.bfloat16, device="cpu")
     args = (torch.zeros(num_experts, device="cpu"),) if spec.block_bias else ()
@@ -291,6 +295,9 @@ def _deepseek_v4(block: nn.Module) -> dict | None:
 # so the router and the experts both see the jittered states; the converted layer draws the same noise
 # (ConvertedMoELayer.block_jitter_noise). Read in transformers 5.24's modeling files.
 INPUT_JITTER = ("MixtralSparseMoeBlock", "MiniMaxSparseMoeBlock", "MiniMaxM2SparseMoeBlock")
+# Blocks whose forward returns `(hidden_states, router_scores)` (the decoder layer unpacks and drops the
+# scores); the converted layer returns the same pair (ConvertedMoELayer.returns_scores). Read in 5.24.
+SCORES_OUTPUT = ("GptOssMLP", "OpenAIPrivacyFilterMLP")
 
 
 def check_block(block: nn.Module, spec: BlockSpec | None = None) -> None:
@@ -319,7 +326,8 @@ VERIFIED = (
     # Mixtral-shaped: softmax of the top-k logits, jitter on the block
     "MixtralSparseMoeBlock", "MiniMaxSparseMoeBlock", "JambaSparseMoeBlock",
     "GraniteMoeMoE", "GraniteMoeSWAMoE", "GraniteMoeHybridMoE", "GraniteMoeSharedMoE",
-    "HunYuanMoEV1Moe", "Cohere2MoeSparseMoeBlock",  # Aria: transposed experts, refused
+    "HunYuanMoEV1Moe", "Cohere2MoeSparseMoeBlock",
+    "AriaTextMoELayer",  # transposed experts (layout.ExpertsLayout), shared experts beside them
     # DeepSeek-shaped: sigmoid / softmax scores, expert bias, groups, routed scaling, shared experts
     "DeepseekV2Moe", "DeepseekV3MoE", "DeepseekV32MoE", "DeepseekV4SparseMoeBlock", "DeepseekOcr2TextMoe",
     "Dots1MoE", "Dots3NoteTextMoE", "Glm4MoeMoE", "Glm4MoeLiteMoE", "Glm4vMoeTextMoE",
@@ -328,6 +336,9 @@ VERIFIED = (
     "LagunaSparseMoeBlock", "MiMoV2FlashMoE", "Ernie4_5_MoeSparseMoeBlock",
     # expert bias on the block, handed to the router
     "HYV3MoE", "MiniMaxM2SparseMoeBlock", "Lfm2MoeSparseMoeBlock", "AfmoeSparseMoeBlock",
+    # gpt-oss: router linear with bias, softmax of the top-k logits; experts transposed, gate/up interleaved,
+    # biased, (up + 1) * gate * sigmoid(1.702 * gate) clamped (layout.ExpertsLayout, activation swiglu_oai)
+    "GptOssMLP",
 )
 EXPLICIT = {"DeepseekV4SparseMoeBlock": _deepseek_v4}
 
