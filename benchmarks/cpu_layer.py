@@ -52,6 +52,11 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--flush-mib", type=int, default=0,
+                        help="CPU: write a scratch buffer this big before every sample, so every provider reads its "
+                             "weights from memory as each layer of a deep model does (0: off)")
+    parser.add_argument("--min-sample-ms", type=float, default=5.0,
+                        help="a sample is the mean of as many back-to-back calls as fill this long (0: one call)")
     parser.add_argument("--hf", default="grouped_mm,batched_mm,eager", help="HF providers to include")
     parser.add_argument("--batched-mm-limit-gib", type=float, default=1.0)
     parser.add_argument("--no-experts-row", action="store_true", help="leave out hf_block+moe_kit_experts")
@@ -131,6 +136,7 @@ def main(argv=None) -> dict:
         fns = {name: moe_bench.timed_call(module, x, None, grad_out, pass_) for name, module in providers.items()}
         cost = moe_bench.cell_cost(tokens, pass_)
         results = moe_bench.time_interleaved(fns, repeats=args.repeats, warmup=args.warmup,
+                                             flush_bytes=args.flush_mib * 2**20, min_sample_ms=args.min_sample_ms,
                                              on_round=lambda cost=cost: progress.update(cost))
         for name, r in results.items():
             rows.append(dict(provider=name, pass_=pass_, tokens=tokens, ms=r["median_ms"], ms_min=r["min_ms"],

@@ -476,6 +476,11 @@ def parse_args(argv):
                         help="size of the square matmul giving the device GEMM rate (default 8192 on cuda, off on cpu)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--flush-mib", type=int, default=0,
+                        help="CPU: write a scratch buffer this big before every sample, so every provider reads its "
+                             "weights from memory as each layer of a deep model does (0: off)")
+    parser.add_argument("--min-sample-ms", type=float, default=5.0,
+                        help="a sample is the mean of as many back-to-back calls as fill this long (0: one call)")
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args(argv)
 
@@ -558,7 +563,9 @@ def main(argv=None) -> dict:
             fns = {name: timed_call(module, x, input_ids, grad_out, pass_) for name, module in providers.items()}
             cost = cell_cost(tokens, pass_)
             results = time_interleaved(fns, repeats=args.repeats, warmup=args.warmup,
-                                       on_round=lambda cost=cost: progress.update(cost))
+                                       on_round=lambda cost=cost: progress.update(cost),
+                                       flush_bytes=args.flush_mib * 2**20 if device.type == "cpu" else 0,
+                                       min_sample_ms=args.min_sample_ms)
             flops = expert_flops(cfg, tokens, pass_)
             for name, r in results.items():
                 rows.append({

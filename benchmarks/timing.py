@@ -1,7 +1,9 @@
-"""Interleaved timing: every provider runs once per round, so drift hits them all alike."""
+"""Interleaved timing: every provider runs once per round, in a random order, so drift and
+neighbours hit them all alike; optionally steady-state samples and a cache flush."""
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -10,26 +12,53 @@ import torch
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, on_round: Callable[[], None] | None = None
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, on_round: Callable[[], None] | None = None,
+    flush_bytes: int = 0, min_sample_ms: float = 0.0, seed: int = 0,
 ) -> dict[str, dict]:
-    """{name: fn} -> {name: {"median_ms", "min_ms", "max_ms", "q1_ms", "q3_ms", "samples_ms"}}
-    over `repeats` rounds. `on_round()` runs after each round (warm-up included), outside the timing."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-        if on_round is not None:
-            on_round()
-    samples = {name: [] for name in fns}
-    for _ in range(repeats):
+    """{name: fn} -> {name: {"median_ms", "min_ms", "max_ms", "q1_ms", "q3_ms", "samples_ms", "calls"}}
+    over `repeats` rounds. `on_round()` runs after each round (warm-up included), outside the timing.
+
+    Every round runs the providers in a fresh (seeded) random order: with a fixed order one
+    provider always follows the same neighbour, e.g. a slow one that flushes the caches, while
+    another always follows one reading the same weights. min_sample_ms > 0 measures the steady
+    state: each sample is one untimed call, then the mean of as many back-to-back calls as fill
+    about min_sample_ms (`calls`, from the last warm-up call; at least one), so what the previous
+    provider left behind (caches, CPU clocks after heavy vector work) is not timed. flush_bytes > 0
+    (CPU): before every sample, write a scratch buffer that size (untimed), so the sample starts
+    with the weights in memory rather than in cache (with min_sample_ms, only its untimed call does).
+    """
+    scratch = torch.empty(flush_bytes // 4, dtype=torch.float32) if flush_bytes > 0 else None
+    order = random.Random(seed)
+    last_ms = {}
+    for _ in range(max(warmup, 1 if min_sample_ms > 0 else 0)):
         for name, fn in fns.items():
             _sync()
             start = time.perf_counter()
             fn()
             _sync()
-            samples[name].append((time.perf_counter() - start) * 1e3)
+            last_ms[name] = (time.perf_counter() - start) * 1e3
         if on_round is not None:
             on_round()
-    return {name: summarize(s) for name, s in samples.items()}
+    calls = {name: max(1, round(min_sample_ms / max(last_ms.get(name, 1.0), 1e-3))) if min_sample_ms > 0 else 1
+             for name in fns}
+    names = list(fns)
+    samples = {name: [] for name in fns}
+    for r in range(repeats):
+        for name in order.sample(names, len(names)):
+            fn, count = fns[name], calls[name]
+            if scratch is not None:
+                scratch.fill_(float(r))
+            if min_sample_ms > 0:
+                fn()  # steady state: the previous provider's leftovers are not timed
+            _sync()
+            start = time.perf_counter()
+            for _ in range(count):
+                fn()
+            _sync()
+            samples[name].append((time.perf_counter() - start) * 1e3 / count)
+        if on_round is not None:
+            on_round()
+    return {name: dict(summarize(s), calls=calls[name]) for name, s in samples.items()}
 
 
 def summarize(samples_ms: list[float]) -> dict:
