@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from fractions import Fraction
 
 import pytest
 import torch
@@ -118,7 +119,7 @@ def ec_reference(layer, x, cot, c, mask=None):
     x = x.clone().requires_grad_(True)
     scores = scores_of(x @ weight.T, cfg.score_func)
     real = [t for t in range(x.shape[0]) if mask is None or bool(mask[t])]
-    capacity = min(math.ceil(c * len(real) / cfg.num_experts), len(real))
+    capacity = min(math.ceil(Fraction(repr(c)) * len(real) / cfg.num_experts), len(real))  # c as written
     picks = {t: [] for t in range(x.shape[0])}
     s = scores.detach()
     for e in range(cfg.num_experts):
@@ -139,6 +140,7 @@ EC_CASES = [
     pytest.param(dict(n=9, e=1, c=1.0), id="E1"),
     pytest.param(dict(n=1, e=4, c=1.0), id="N1"),
     pytest.param(dict(n=0, e=4, c=1.0), id="N0"),
+    pytest.param(dict(n=100, e=10, c=1.1), id="c-as-decimal-1.1x100/10=11-not-12"),
     pytest.param(dict(n=10, e=4, c=1.5, score_func="sigmoid", route_scale=2.5), id="sigmoid-norm-scale"),
     pytest.param(dict(n=16, e=4, c=1.0, mask=True), id="padding"),
     pytest.param(dict(n=16, e=4, c=2.0, mask=True, backend="loop"), id="padding-loop"),

@@ -30,11 +30,10 @@ Under expert parallelism each rank's experts choose among that rank's tokens (C 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from moe_kit.balancing import SUM_FLOOR
+from moe_kit.capacity_rule import capacity_of, decimal_ratio
 from moe_kit.config import MoEConfig
 from moe_kit.gates.router import Router
 from moe_kit.stats import score_entropy
@@ -84,14 +83,14 @@ class ExpertChoiceGate(Router):
         C_max = min(ceil(c * N / E), N) and the positions >= C are switched off.
         """
         num_tokens, num_experts = scores.shape
-        c = self.cfg.capacity_factor
-        c_max = expert_choice_capacity(num_tokens, num_experts, c)
+        ratio = decimal_ratio(self.cfg.capacity_factor)
+        c_max = min(capacity_of(num_tokens, num_experts, ratio), num_tokens)
         if mask is None:
             capacity = torch.tensor(c_max, device=scores.device)
         else:
             scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))  # padding sorts last
             num_real = mask.sum()
-            capacity = torch.minimum(torch.ceil(c * num_real.double() / num_experts).long(), num_real)
+            capacity = torch.minimum(capacity_of(num_real, num_experts, ratio), num_real)
         order = torch.sort(scores.t(), dim=1, descending=True, stable=True).indices[:, :c_max]  # [E, C_max]
         keep = torch.arange(c_max, device=scores.device) < capacity  # [C_max]
         picked = torch.zeros(num_tokens, num_experts, dtype=torch.bool, device=scores.device)
@@ -116,8 +115,9 @@ class ExpertChoiceGate(Router):
 
 
 def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
-    """C = min(ceil(c * N / E), N): the tokens each expert takes under expert choice."""
-    return min(math.ceil(capacity_factor * num_tokens / num_experts), num_tokens)
+    """C = min(ceil(c * N / E), N): the tokens each expert takes under expert choice, with c taken
+    as the decimal it was written as (moe_kit.capacity_rule: 1.1 * 100 / 10 is 11, not 12)."""
+    return min(capacity_of(num_tokens, num_experts, decimal_ratio(capacity_factor)), num_tokens)
 
 
 def compact_choice(picked: torch.Tensor) -> torch.Tensor:

@@ -158,10 +158,10 @@ class Router(nn.Module):
         """
         if self.track_entropy:
             self.entropy = score_entropy(scores if mask is None else scores[mask])
-        weights = self._weights(scores, indices, chosen)
+        weights = self._routing_weights(scores, indices, chosen)
         return self._with_losses(weights, scores, logits, batch_shape, mask, aux_indices)
 
-    def _weights(self, scores: torch.Tensor, indices: torch.Tensor, chosen=None) -> torch.Tensor:
+    def _routing_weights(self, scores: torch.Tensor, indices: torch.Tensor, chosen=None) -> torch.Tensor:
         """The routing weights [N, k]: the chosen experts' unbiased scores, normalized (norm_topk_prob)
         and scaled (route_scale); chosen as in _finish_weights."""
         weights = scores.gather(1, indices) if chosen is None else chosen  # [N, k]

@@ -103,7 +103,7 @@ class TopKGate(Router):
             self._balancing_losses(scores, logits, batch_shape, None, None if chosen is None else indices)
         if self.balancing_term is not None:
             self.balancing_term = None
-        return self._weights(scores, indices, chosen), indices
+        return self._routing_weights(scores, indices, chosen), indices
 
     def _select(self, scores: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """scores [N, E] -> (chosen [N, k] or None, indices int64 [N, k]): the top-k experts of the

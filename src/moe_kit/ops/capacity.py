@@ -9,30 +9,19 @@ Which slots an expert keeps (`drop_policy`):
               moe_token_drop_policy="position" and transformers' Switch router. For [B, S, D]
               input the layer orders by position in the sequence first (s, then b), as Megatron's
               sequence-major tokens do: the last positions of every sequence drop first.
-C is computed exactly: capacity_factor is taken as the decimal it was written as (1.1 is 11/10),
-so ceil(1.1 * 100 / 10) is 11, where float arithmetic gives 12.
+C is computed exactly (moe_kit.capacity_rule): capacity_factor is taken as the decimal it was
+written as (1.1 is 11/10), so ceil(1.1 * 100 / 10) is 11, where float arithmetic gives 12.
 """
 
 from __future__ import annotations
 
-from fractions import Fraction
-
 import torch
 
+from moe_kit.capacity_rule import capacity_of, decimal_ratio
+
+__all__ = ["DROP_POLICIES", "capacity_of", "decimal_ratio", "drop_overflow", "expert_capacity", "over_capacity"]
+
 DROP_POLICIES = ("probs", "position")
-
-
-def decimal_ratio(value: float) -> tuple[int, int]:
-    """(p, q) with p / q the shortest decimal that round-trips to `value`: 1.1 -> (11, 10)."""
-    ratio = Fraction(repr(float(value)))
-    return ratio.numerator, ratio.denominator
-
-
-def capacity_of(num_slots, num_experts: int, ratio: tuple[int, int]):
-    """ceil(p/q * num_slots / num_experts) in integers; num_slots may be a symbolic size under
-    torch.compile, so compiled layers compute `ratio` = decimal_ratio(capacity_factor) once, eagerly."""
-    numerator, denominator = ratio[0], ratio[1] * num_experts
-    return (numerator * num_slots + denominator - 1) // denominator  # ceil of a non-negative ratio
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
