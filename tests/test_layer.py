@@ -729,6 +729,27 @@ def test_layer_compiles_fullgraph_with_dynamic_tokens(name, masked):
             assert torch.equal(counts0, counts1) and counts0.sum() > 0
 
 
+@pytest.mark.parametrize("name", [*COMPILE_CONFIGS, "plain-softmax"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_layer_compiles_fullgraph_for_inference(name, mode):
+    """torch.compile(eval layer, fullgraph=True, dynamic=True) under no_grad / inference_mode (how
+    compiled generation runs): no graph break, equal to the eager inference path, decode (1 token)
+    and prefill sizes. Eager takes the CPU inference path; compiled, the sorted FFN's custom op."""
+    cfg = MoEConfig(hidden_size=16, intermediate_size=8, num_experts=4, top_k=2, backend="torch",
+                    **COMPILE_CONFIGS.get(name, {}))
+    torch._dynamo.reset()
+    layer = build(cfg, seed=5).eval()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    context = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    for batch, seq in ((1, 1), (2, 7), (3, 5)):
+        g = torch.Generator().manual_seed(seq)
+        x = torch.randn(batch, seq, cfg.hidden_size, generator=g)
+        ids = torch.randint(0, 50, (batch, seq), generator=g) if cfg.routes_by_hash else None
+        with context():
+            want, got = layer(x, ids), compiled(x, ids)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_checkpointed_compiled_layer_counts_each_forward_once():
     """checkpoint(compiled layer): the backward replays the compiled forward, and the expert-bias
     counter (a custom op that checks for a running backward when it runs) must not count it again."""

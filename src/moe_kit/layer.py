@@ -127,13 +127,14 @@ class MoELayer(nn.Module):
 
     def _cpu_inference(self, x: torch.Tensor) -> bool:
         """Whether this forward's experts take the eager CPU inference path (torch_ops.inference_ffn):
-        no grad, CPU, no autocast, tokens present, a dtype and widths grouped_mm runs, and (fixed at
+        no grad, CPU, not compiling, no autocast, tokens present, a dtype and widths grouped_mm runs, and (fixed at
         build) local experts, no capacity, a gate that never marks "no expert", no expert biases, the
         torch backend. What it skips (routing plan, backward bookkeeping, the general dispatch) is
         a third of the time at decode sizes."""
         cfg = self.cfg
         return (
             self._inference_ready and not torch.is_grad_enabled() and x.device.type == "cpu" and x.numel() > 0
+            and not torch.compiler.is_compiling()  # compiled: the sorted FFN's custom op (host reads here)
             and not torch.is_autocast_enabled("cpu")
             and use_grouped_mm(x.dtype, x.device, 2 * cfg.intermediate_size, cfg.hidden_size, cfg.intermediate_size)
         )
