@@ -685,6 +685,7 @@ COMPILE_CONFIGS = {
                                           expert_bias=True),
     "hash-shared-sequence-aux": dict(hash_routing=True, vocab_size=50, num_shared_experts=1, aux_loss_coef=0.1,
                                      aux_loss_type="sequence"),
+    "global-batch-aux": dict(aux_loss_type="global_batch", aux_loss_coef=0.1),
 }
 
 
@@ -695,6 +696,7 @@ COMPILE_CONFIGS = {
         pytest.param("bias-groups-aux-z", True, id="bias-groups-aux-z-token-mask"),
         pytest.param("capacity-position-router-bias", True, id="capacity-position-router-bias-token-mask"),
         pytest.param("hash-shared-sequence-aux", False, id="hash-shared-sequence-aux"),
+        pytest.param("global-batch-aux", True, id="global-batch-aux-token-mask"),
     ],
 )
 def test_layer_compiles_fullgraph_with_dynamic_tokens(name, masked):
@@ -763,6 +765,28 @@ def test_checkpointed_compiled_layer_counts_each_forward_once():
     assert after_forward.sum() == 10 * cfg.top_k
     out.sum().backward()
     assert torch.equal(layer.gate.expert_counts, after_forward)
+
+
+def test_checkpointed_compiled_layer_adds_global_batch_counts_once():
+    """aux_loss_type "global_batch" under checkpoint(torch.compile(layer, fullgraph=True)): the
+    forward adds its counts once (the replay in the backward must not: a custom op checks at run
+    time), and the gradients equal an eager run without checkpointing."""
+    torch._dynamo.reset()
+    cfg = MoEConfig(hidden_size=16, intermediate_size=8, num_experts=4, top_k=2, aux_loss_type="global_batch",
+                    aux_loss_coef=0.5, backend="torch")
+    layer, eager = build(cfg, seed=4).train(), build(cfg, seed=4).train()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(10, 16)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    out = torch.utils.checkpoint.checkpoint(compiled, xs[0], use_reentrant=False)
+    after_forward = layer.gate.global_batch_counts.clone()
+    assert after_forward[-1] == 10 * cfg.top_k
+    out.square().sum().backward()
+    assert torch.equal(layer.gate.global_batch_counts, after_forward)
+    eager(xs[1]).square().sum().backward()
+    assert torch.equal(eager.gate.global_batch_counts, after_forward)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.gate.weight.grad, eager.gate.weight.grad, rtol=1e-5, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- eager CPU inference path

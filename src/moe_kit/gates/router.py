@@ -237,25 +237,24 @@ class Router(nn.Module):
         A training forward all-reduces its counts over the default process group (when
         torch.distributed is initialized) and adds them to `global_batch_counts`; update_expert_bias
         (after optimizer.step()) starts the next step. Eval forwards and activation-checkpoint
-        recomputes read the counts without adding (a recompute must see the f of its forward).
+        recomputes read the counts without adding (a recompute must see the f of its forward); the
+        check runs inside the custom op add_global_batch_counts, so a compiled forward that a
+        checkpoint replays does not add twice either. No host sync.
         """
         real = slot_weights(aux_indices, mask, torch.float64)
         counts = torch.zeros(self.num_experts + 1, dtype=torch.float64, device=aux_indices.device)
         counts[: self.num_experts].scatter_add_(0, aux_indices.reshape(-1), real)
         counts[self.num_experts] = real.sum()  # routed slots, for the denominator
-        accumulate = self.training and (
-            torch.compiler.is_compiling() or not (torch.is_inference_mode_enabled() or is_recomputing())
-        )
-        if not accumulate:
-            if self.global_batch_counts is not None and float(self.global_batch_counts[-1]) > 0:
-                counts = self.global_batch_counts.to(counts.device)
+        state = self.global_batch_counts
+        if self.training:
+            if state is None or state.device != counts.device:
+                state = self.global_batch_counts = torch.zeros_like(counts)
+            add_global_batch_counts(state, counts)  # not inside a recompute or under inference_mode
+        if state is None:  # eval before any training forward: this batch's own counts
             return counts[:-1] / counts[-1].clamp_min(1)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(counts)
-        if self.global_batch_counts is None or self.global_batch_counts.device != counts.device:
-            self.global_batch_counts = torch.zeros_like(counts)
-        self.global_batch_counts += counts
-        return self.global_batch_counts[:-1] / self.global_batch_counts[-1].clamp_min(1)
+        state = state.to(counts.device)
+        counted = torch.where(state[-1] > 0, state, counts)  # nothing counted this step yet: this batch's
+        return counted[:-1] / counted[-1].clamp_min(1)
 
     def reset_global_batch(self) -> None:
         """Start a new optimizer step for aux_loss_type "global_batch" (called by update_expert_bias)."""
@@ -267,3 +266,22 @@ class Router(nn.Module):
                 f"aux_loss_type='sequence' needs input shaped [B, S, D], got shape {tuple(x.shape)}"
             )
         return tuple(x.shape[:-1])
+
+
+@torch.library.custom_op("moe_kit::add_global_batch_counts", mutates_args=("state",))
+def add_global_batch_counts(state: torch.Tensor, counts: torch.Tensor) -> None:
+    """state [E + 1] += counts [E + 1] summed over the default process group (when torch.distributed
+    is initialized) -- unless this runs inside a backward (an activation-checkpoint recompute) or
+    under inference_mode. A custom op, so that the check happens when the op runs, also inside a
+    torch.compile'd graph that a checkpoint replays (as add_expert_counts)."""
+    if torch.is_inference_mode_enabled() or is_recomputing():
+        return
+    counts = counts.clone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)
+    state += counts
+
+
+@add_global_batch_counts.register_fake
+def _(state, counts) -> None:
+    return None
