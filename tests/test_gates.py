@@ -533,9 +533,9 @@ def test_hash_gate_state_dict_round_trip():
 @pytest.mark.parametrize("over", [dict(), dict(expert_bias=True, n_groups=4, topk_groups=2, score_func="sigmoid")],
                          ids=["plain", "biased-groups"])
 def test_eval_no_grad_forward_equals_general_forward(aux_type, over):
-    """An eval gate under no_grad takes its short path (_route_eval); weights, indices, the aux
-    and z loss values and the tracked entropy equal the general forward's (grad enabled), and a
-    2-D input with the sequence aux loss still raises."""
+    """An eval gate under no_grad (nothing attached; the plain top-k's values are the weights):
+    weights, indices, the aux and z loss values and the tracked entropy equal a forward with grad
+    enabled, and a 2-D input with the sequence aux loss still raises."""
     cfg = make_cfg(num_experts=8, top_k=2, aux_loss_coef=0.01, aux_loss_type=aux_type, z_loss_coef=1e-3, **over)
     gate = make_topk_gate(cfg).eval()
     gate.track_entropy = True

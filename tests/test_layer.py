@@ -808,8 +808,8 @@ def test_checkpointed_compiled_layer_adds_global_batch_counts_once():
 )
 def test_inference_path_equals_general_path(n, e, score_func, bias, groups, norm, shared, losses, hashed, dtype,
                                             data):
-    """An eval forward under no_grad on CPU takes the inference path (TopKGate._route_eval and
-    torch_ops.inference_ffn: small_ffn or lean_forward); it equals the general forward of the same
+    """An eval forward under no_grad on CPU takes the inference path (torch_ops.inference_ffn:
+    small_ffn or lean_forward, no routing plan); it equals the general forward of the same
     layer with grad enabled: output, routing weights and indices, and every stat (load, aux and
     z loss values, expert bias), on softmax/sigmoid/sqrtsoftplus, expert bias, groups, shared
     experts, losses, hash layers, fp32 and bf16, decode-size and many-expert batches."""

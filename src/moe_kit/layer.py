@@ -107,8 +107,6 @@ class MoELayer(nn.Module):
         gate_mask = None if mask is None else mask.view(x.shape[:-1])
         route = self.route if self.routing_hook is None else self.routing_hook
         weights, indices = route(x, input_ids, gate_mask)
-        if mask is None and self._cpu_inference(x):
-            return self._inference_experts(x, weights, indices)
         autocast = autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype  # the experts follow autocast
         x_flat = cast(x.reshape(-1, self.cfg.hidden_size), dtype)  # [N, D]
@@ -118,6 +116,8 @@ class MoELayer(nn.Module):
                 routed = torch.zeros_like(x_flat)
             elif self.ep_group is not None:
                 routed = self._routed_expert_parallel(x_flat, weights, marked, mask)
+            elif mask is None and not autocast and self._cpu_inference(x_flat):
+                routed = self._routed_inference(x_flat, weights, indices)
             else:
                 routed = self._routed_local(x_flat, weights, marked, mask, tuple(x.shape[:-1]))
             out = routed
@@ -126,29 +126,26 @@ class MoELayer(nn.Module):
         return out.view(*x.shape[:-1], self.cfg.hidden_size)
 
     def _cpu_inference(self, x: torch.Tensor) -> bool:
-        """Whether this forward's experts take the eager CPU inference path (torch_ops.inference_ffn):
-        no grad, CPU, not compiling, no autocast, tokens present, a dtype and widths grouped_mm runs, and (fixed at
-        build) local experts, no capacity, a gate that never marks "no expert", no expert biases, the
-        torch backend. What it skips (routing plan, backward bookkeeping, the general dispatch) is
-        a third of the time at decode sizes."""
+        """Whether this forward's routed experts take the eager CPU inference path
+        (torch_ops.inference_ffn): no grad, CPU, not compiling, tokens present, a dtype and widths
+        grouped_mm runs (forward adds: no token_mask, no autocast), and (fixed at build) local
+        experts, no capacity, a gate that never marks "no expert", no expert biases, the torch
+        backend. What it skips (routing plan, backward bookkeeping, the general dispatch) is a third
+        of the experts' time at decode sizes."""
         cfg = self.cfg
         return (
             self._inference_ready and not torch.is_grad_enabled() and x.device.type == "cpu" and x.numel() > 0
             and not torch.compiler.is_compiling()  # compiled: the sorted FFN's custom op (host reads here)
-            and not torch.is_autocast_enabled("cpu")
             and use_grouped_mm(x.dtype, x.device, 2 * cfg.intermediate_size, cfg.hidden_size, cfg.intermediate_size)
         )
 
-    def _inference_experts(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """The rest of forward on the CPU inference path: routed + shared experts, stats."""
-        x_flat = x.reshape(-1, self.cfg.hidden_size)
-        experts = self.experts
-        out = inference_ffn(x_flat, weights, indices, cast(experts.gate_up_proj, x.dtype),
-                            cast(experts.down_proj, x.dtype), self.cfg.activation, self.cfg.swiglu_limit)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x_flat)
+    def _routed_inference(self, x_flat, weights, indices):
+        """_routed_local on the CPU inference path (see _cpu_inference): nothing to drop or mark."""
+        dtype = x_flat.dtype
+        routed = inference_ffn(x_flat, weights, indices, cast(self.experts.gate_up_proj, dtype),
+                               cast(self.experts.down_proj, dtype), self.cfg.activation, self.cfg.swiglu_limit)
         self._remember(indices, None, None)
-        return out.view(x.shape)
+        return routed
 
     def route(self, x: torch.Tensor, input_ids=None, token_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The gate's (weights [N, k], indices [N, k]) for x; `routing_hook` (moe_kit.replay) may stand in."""

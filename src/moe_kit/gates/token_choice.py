@@ -21,8 +21,6 @@ import torch
 from moe_kit.balancing import is_recomputing, slot_weights
 from moe_kit.config import MoEConfig
 from moe_kit.gates.router import Router
-from moe_kit.gates.scores import routing_scores
-from moe_kit.stats import score_entropy
 
 _FP32_STATE = ("expert_bias",)  # buffers kept fp32 whatever dtype the model is cast to
 
@@ -80,30 +78,11 @@ class TopKGate(Router):
     # ------------------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if token_mask is None and not (self.training or torch.is_grad_enabled()):
-            return self._route_eval(x)  # inference: the same result with the fewest steps
         scores, logits, batch_shape, mask = self._score(x, token_mask)  # [N, E] each
         chosen, indices = self._select(scores)
         self._count(indices, mask)
         aux_indices = None if chosen is None else indices  # the plain top-k: what the aux loss counts
         return self._finish_weights(scores, indices, logits, batch_shape, mask, aux_indices, chosen), indices
-
-    def _route_eval(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """forward(x) of an eval-mode gate under no_grad without token_mask: the same weights,
-        indices, loss values and entropy, without the training-only steps (jitter, counts, attached
-        losses) and their checks: at decode sizes each step's microseconds are what is measured."""
-        batch_shape = self._check_sequence_shape(x)
-        x_flat = self._flat_input(x)
-        logits = self.router_linear(x_flat)
-        scores = routing_scores(logits, self.cfg.score_func)  # [N, E]
-        chosen, indices = self._select(scores)
-        if self.track_entropy:
-            self.entropy = score_entropy(scores)
-        if self._has_losses:  # their values, for stats: nothing reaches a backward under no_grad
-            self._balancing_losses(scores, logits, batch_shape, None, None if chosen is None else indices)
-        if self.balancing_term is not None:
-            self.balancing_term = None
-        return self._routing_weights(scores, indices, chosen), indices
 
     def _select(self, scores: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """scores [N, E] -> (chosen [N, k] or None, indices int64 [N, k]): the top-k experts of the
