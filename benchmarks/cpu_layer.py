@@ -52,11 +52,7 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--flush-mib", type=int, default=0,
-                        help="CPU: write a scratch buffer this big before every sample, so every provider reads its "
-                             "weights from memory as each layer of a deep model does (0: off)")
-    parser.add_argument("--min-sample-ms", type=float, default=5.0,
-                        help="a sample is the mean of as many back-to-back calls as fill this long (0: one call)")
+    moe_bench.add_sampling_args(parser)
     parser.add_argument("--hf", default="grouped_mm,batched_mm,eager", help="HF providers to include")
     parser.add_argument("--batched-mm-limit-gib", type=float, default=1.0)
     parser.add_argument("--no-experts-row", action="store_true", help="leave out hf_block+moe_kit_experts")

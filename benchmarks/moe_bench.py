@@ -62,7 +62,7 @@ from baselines import (  # noqa: E402
     hf_block_matches,
     hf_router_matches,
 )
-from timing import time_interleaved  # noqa: E402
+from timing import add_sampling_args, time_interleaved  # noqa: E402
 
 import moe_kit  # noqa: E402
 from moe_kit import HashGate, MoEConfig, MoELayer  # noqa: E402
@@ -476,11 +476,7 @@ def parse_args(argv):
                         help="size of the square matmul giving the device GEMM rate (default 8192 on cuda, off on cpu)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--flush-mib", type=int, default=0,
-                        help="CPU: write a scratch buffer this big before every sample, so every provider reads its "
-                             "weights from memory as each layer of a deep model does (0: off)")
-    parser.add_argument("--min-sample-ms", type=float, default=5.0,
-                        help="a sample is the mean of as many back-to-back calls as fill this long (0: one call)")
+    add_sampling_args(parser)
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args(argv)
 

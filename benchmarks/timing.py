@@ -61,6 +61,15 @@ def time_interleaved(
     return {name: dict(summarize(s), calls=calls[name]) for name, s in samples.items()}
 
 
+def add_sampling_args(parser) -> None:
+    """--flush-mib and --min-sample-ms, the sampling options of time_interleaved, on an argparse parser."""
+    parser.add_argument("--flush-mib", type=int, default=0,
+                        help="CPU: write a scratch buffer this big before every sample, so every provider reads its "
+                             "weights from memory as each layer of a deep model does (0: off)")
+    parser.add_argument("--min-sample-ms", type=float, default=5.0,
+                        help="a sample is the mean of as many back-to-back calls as fill this long (0: one call)")
+
+
 def summarize(samples_ms: list[float]) -> dict:
     """Median, min, max and quartiles of a list of times in ms (quartiles = median for < 2 samples)."""
     s = list(samples_ms)
