@@ -424,12 +424,16 @@ def lean_forward(x, weights, indices, gate_up, down, activation="silu", limit=No
     return torch.zeros_like(x).index_add_(0, token, y)
 
 
+def decode_size(num_rows: int, num_experts: int) -> bool:
+    """Whether small_ffn runs S = N*k rows over E experts: 0 < S <= SMALL_ROWS and E >= SMALL_EXPERTS_PER_ROW * S."""
+    return 0 < num_rows <= SMALL_ROWS and num_rows * SMALL_EXPERTS_PER_ROW <= num_experts
+
+
 def inference_ffn(x, weights, indices, gate_up, down, activation="silu", limit=None):
     """moe_ffn_torch's pick for eager CPU inference, without its checks and branches: small_ffn
     at decode sizes with many experts, else lean_forward. The caller (MoELayer's inference path)
     made sure of what both need: no grad, nothing dropped, no expert biases, N > 0, grouped_mm usable."""
-    rows = indices.numel()
-    if rows <= SMALL_ROWS and rows * SMALL_EXPERTS_PER_ROW <= gate_up.shape[0]:
+    if decode_size(indices.numel(), gate_up.shape[0]):
         return small_ffn(x, weights, indices, gate_up, down, activation, limit)
     return lean_forward(x, weights, indices, gate_up, down, activation, limit)
 
@@ -473,8 +477,7 @@ def moe_ffn_torch(
         raise ValueError(f"recompute must be 'act' or 'gemm1', got {recompute!r}")
     compiling = torch.compiler.is_compiling()
     if small is None:
-        rows = indices.numel()
-        small = not compiling and 0 < rows <= SMALL_ROWS and rows * SMALL_EXPERTS_PER_ROW <= gate_up_proj.shape[0]
+        small = not compiling and decode_size(indices.numel(), gate_up_proj.shape[0])
     if small:
         return small_ffn(x, weights, indices, gate_up_proj, down_proj, activation, swiglu_limit, has_dropped, *biases)
     graph = torch.is_grad_enabled() and any(
