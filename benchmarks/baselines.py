@@ -166,7 +166,7 @@ def hf_block_matches(cfg: MoEConfig, layer_id: int = 0) -> bool:
     (hf_router_matches), SwiGLU experts without clamp or biases, no shared experts, no router bias."""
     return (
         hf_router_matches(cfg, layer_id) and cfg.num_shared_experts == 0 and cfg.swiglu_limit is None
-        and cfg.activation == "silu" and not cfg.router_bias and not getattr(cfg, "expert_proj_bias", False)
+        and cfg.activation == "silu" and not cfg.router_bias and not cfg.expert_proj_bias
     )
 
 
