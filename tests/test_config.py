@@ -586,7 +586,7 @@ def configs(draw):
     kw["routing"] = routing
     if routing == "expert_choice" or draw(st.booleans()):
         kw["capacity_factor"] = draw(st.floats(0.01, 8))
-        kw["pad_to_capacity"] = draw(st.booleans())
+        kw["pad_to_capacity"] = routing != "expert_choice" and draw(st.booleans())
     if routing != "token_choice":  # expert choice and Sinkhorn pick experts their own way
         kw["n_groups"] = kw["topk_groups"] = 1
     if routing == "token_choice":
@@ -863,6 +863,8 @@ def test_new_presets_match_transformers_configs():
         pytest.param(dict(routing="sinkhorn", hash_routing=True, vocab_size=10), "sinkhorn", id="sinkhorn-hash"),
         pytest.param(dict(routing="expert_choice", capacity_factor=1.0, n_groups=2, topk_groups=1), "expert_choice",
                      id="expert-choice-groups"),
+        pytest.param(dict(routing="expert_choice", capacity_factor=1.0, pad_to_capacity=True), "pad_to_capacity",
+                     id="expert-choice-pad-to-capacity"),
     ],
 )
 def test_routing_scheme_conflicts_name_the_scheme(fields, match):

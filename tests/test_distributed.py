@@ -38,6 +38,7 @@ class Case:
     dtype: torch.dtype = torch.float64
     seq: int | None = None  # x is [B_r, seq, D] when set, else [N_r, D]
     zero_gate: bool = False  # all router scores equal: every weight ties
+    masked: bool = False  # a token_mask with some padding on every rank with tokens
 
 
 CASES = {
@@ -54,6 +55,19 @@ CASES = {
     ),
     "capacity-ties": Case(dict(num_experts=4, top_k=1, capacity_factor=1.0), {2: (5, 3), 4: (2, 3, 0, 4)},
                           zero_gate=True),
+    # drop_policy "position" on [B, S] input: sequence-major over the rank-ordered batch, as one process
+    "capacity-position-seq": Case(
+        dict(num_experts=8, top_k=2, capacity_factor=1.0, drop_policy="position"), {2: (3, 2), 4: (2, 0, 3, 1)},
+        seq=5,
+    ),
+    "capacity-position-mask": Case(
+        dict(num_experts=4, top_k=2, capacity_factor=1.0, drop_policy="position", aux_loss_coef=0.1),
+        {2: (9, 6), 4: (5, 0, 7, 4)}, masked=True,
+    ),
+    "pad-to-capacity-probs-mask": Case(  # every local expert GEMM on exactly C rows (checked below)
+        dict(num_experts=8, top_k=2, capacity_factor=1.0, pad_to_capacity=True, backend="torch"),
+        {2: (3, 2), 4: (2, 1, 0, 3)}, seq=4, masked=True,
+    ),
     "sequence-aux": Case(
         dict(num_experts=8, top_k=2, aux_loss_coef=0.1, aux_loss_type="sequence", z_loss_coef=0.01),
         {2: (3, 1), 4: (2, 0, 3, 1)}, seq=4,
@@ -103,21 +117,35 @@ def build_full(case: Case) -> MoELayer:
 
 
 def rank_inputs(name: str, case: Case, world: int, rank: int):
-    """(x, input_ids or None, cotangent) of `rank`; the same on both sides."""
+    """(x, input_ids or None, cotangent, token_mask or None) of `rank`; the same on both sides."""
     gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{world}/{rank}".encode()))
     lead = (case.sizes[world][rank],) if case.seq is None else (case.sizes[world][rank], case.seq)
     x = torch.randn(*lead, D, generator=gen, dtype=torch.float64).to(case.dtype)
     ids = torch.randint(0, case.cfg["vocab_size"], lead, generator=gen) if case.cfg.get("hash_routing") else None
     cot = torch.randn(*lead, D, generator=gen, dtype=torch.float64).to(case.dtype)
-    return x, ids, cot
+    mask = torch.rand(lead, generator=gen) < 0.7 if case.masked else None
+    return x, ids, cot, mask
 
 
-def run_layer(layer, x, ids, cot, requires_grad=True):
+def run_layer(layer, x, ids, cot, mask=None, requires_grad=True):
     x = x.clone().requires_grad_(requires_grad)
     layer.train()
-    out = layer(x, ids) if ids is not None else layer(x)
+    out = layer(x, ids, token_mask=mask)
     (out * cot).sum().backward()
     return x, out
+
+
+class GemmRows(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the batch shape [B, M, K] of every bmm's first operand (the padded expert GEMMs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.bmm.default:
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
 
 
 # ----------------------------------------------------------------------------- the ranks
@@ -128,15 +156,18 @@ def _run_case(name: str, case: Case, world: int, rank: int, requires_grad: bool 
     full = build_full(case)
     layer = MoELayer(make_cfg(case), ep_group=group).to(case.dtype)
     layer.load_state_dict(shard_state_dict(full.state_dict(), layer))
-    x_in, ids, cot = rank_inputs(name, case, world, rank)
-    x, out = run_layer(layer, x_in, ids, cot, requires_grad)
+    x_in, ids, cot, mask = rank_inputs(name, case, world, rank)
+    with GemmRows() as gemms:
+        x, out = run_layer(layer, x_in, ids, cot, mask, requires_grad)
     stats = layer.stats
     moe_kit.update_expert_bias(layer, group)
     gathered = full_state_dict(layer)
     layer.eval()
     with torch.no_grad():
-        out_eval = layer(x_in, ids) if ids is not None else layer(x_in)
+        out_eval = layer(x_in, ids, token_mask=mask)
     return dict(
+        gemm_shapes=gemms.shapes, sent=(layer.dispatcher.sent_rows, layer.dispatcher.sent_bytes,
+                                        sum(layer.dispatcher.send_splits)),
         out=out.detach(), out_eval=out_eval, grad_x=x.grad,
         grads={n: p.grad for n, p in layer.named_parameters()},
         load=stats.load, aux=stats.aux_loss, z=stats.z_loss, dropped=stats.dropped_fraction,
@@ -202,12 +233,13 @@ def reference(name: str, case: Case, world: int):
     parts = [rank_inputs(name, case, world, r) for r in range(world)]
     x_in = torch.cat([p[0] for p in parts])
     ids = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
-    x, out = run_layer(layer, x_in, ids, torch.cat([p[2] for p in parts]))
+    mask = None if parts[0][3] is None else torch.cat([p[3] for p in parts])
+    x, out = run_layer(layer, x_in, ids, torch.cat([p[2] for p in parts]), mask)
     stats = layer.stats
     moe_kit.update_expert_bias(layer)
     layer.eval()
     with torch.no_grad():
-        out_eval = layer(x_in, ids) if ids is not None else layer(x_in)
+        out_eval = layer(x_in, ids, token_mask=mask)
     return layer, x, out, out_eval, stats
 
 
@@ -249,9 +281,11 @@ def rank_counts(name: str, case: Case, world: int) -> list[torch.Tensor]:
     gate = build_full(case).gate
     counts = []
     for r in range(world):
-        x, ids, _ = rank_inputs(name, case, world, r)
+        x, ids, _, mask = rank_inputs(name, case, world, r)
         with torch.no_grad():
-            _, idx = gate(x, ids) if ids is not None else gate(x)
+            _, idx = gate(x, input_ids=ids)
+        if mask is not None:
+            idx = idx[mask.reshape(-1)]
         counts.append(torch.bincount(idx.reshape(-1), minlength=case.cfg["num_experts"]))
     return counts
 
@@ -280,6 +314,40 @@ def test_capacity_ties_keep_the_first_slots_in_rank_order(ranks):
     total = sum(case.sizes[world])
     capacity = -(-total // case.cfg["num_experts"])  # ceil(1.0 * N * 1 / E)
     assert bool(out[:capacity].abs().sum(-1).gt(0).all()) and not bool(out[capacity:].any())
+
+
+def test_pad_to_capacity_runs_every_local_expert_on_capacity_rows(ranks):
+    """pad_to_capacity under EP: each rank's expert GEMMs (forward and backward) run on [El, C, .]
+    batches, C the group's capacity, and the values equal one process (test_matches_single_process)."""
+    world, all_results = ranks
+    name = "pad-to-capacity-probs-mask"
+    case = CASES[name]
+    masks = [rank_inputs(name, case, world, r)[3] for r in range(world)]
+    real_slots = sum(int(m.sum()) for m in masks) * case.cfg["top_k"]
+    capacity = -(-real_slots // case.cfg["num_experts"])  # ceil(1.0 * slots / E)
+    for r in all_results:
+        shapes = r[name]["gemm_shapes"]
+        assert shapes and all(s[0] == case.cfg["num_experts"] // world and capacity in s[1:] for s in shapes), shapes
+
+
+def test_dispatcher_counts_the_rows_it_sends(ranks):
+    """sent_rows = slots sent to the experts' ranks + result rows sent back; sent_bytes = their
+    D-vectors in the activation dtype, plus one int64 drop priority per slot sent under capacity."""
+    world, all_results = ranks
+    for name in ("softmax-k2-aux-z", "capacity-position-seq"):
+        case = CASES[name]
+        for rank, r in enumerate(all_results):
+            rows, nbytes, sent = r[name]["sent"]
+            x, ids, _, mask = rank_inputs(name, case, world, rank)
+            real = x[..., 0].numel() if mask is None else int(mask.sum())
+            assert sent == real * case.cfg["top_k"]  # every real slot travels (to its expert's rank, maybe this one)
+            received = rows - sent
+            assert received >= 0
+            priority = sent * 8 if case.cfg.get("capacity_factor") else 0
+            assert nbytes == rows * D * x.element_size() + priority
+    totals = [sum(r[name]["sent"][0] for r in all_results) for name in ("softmax-k2-aux-z",)]
+    slots = sum(CASES["softmax-k2-aux-z"].sizes[world]) * 2
+    assert totals == [2 * slots]  # over the group: every slot goes out once and comes back once
 
 
 def test_backward_joins_when_some_ranks_need_no_input_grad(ranks):

@@ -813,7 +813,7 @@ def test_inference_path_equals_general_path(n, e, score_func, bias, groups, norm
     layer with grad enabled: output, routing weights and indices, and every stat (load, aux and
     z loss values, expert bias), on softmax/sigmoid/sqrtsoftplus, expert bias, groups, shared
     experts, losses, hash layers, fp32 and bf16, decode-size and many-expert batches."""
-    import moe_kit.layer as layer_module
+    import moe_kit.ops as layer_module  # ops picks the inference path
 
     k = data.draw(st.integers(1, min(e // 2, 4) if groups else min(e, 6)), label="k")
     bias = bias and not hashed  # a hash gate has no expert bias
@@ -832,12 +832,12 @@ def test_inference_path_equals_general_path(n, e, score_func, bias, groups, norm
     taken = []
     real = layer_module.inference_ffn
     with mock.patch.object(layer_module, "inference_ffn", lambda *a: taken.append(1) or real(*a)), torch.no_grad():
-        fast, fast_route = layer(x, ids), layer.gate(x, ids) if hashed else layer.gate(x)
+        fast, fast_route = layer(x, ids), layer.gate(x, input_ids=ids)
     fast_stats = layer.stats
     assert taken, "the eval no_grad forward did not take the inference path"
     with mock.patch.object(layer_module, "inference_ffn", lambda *a: taken.append(1) or real(*a)):
         general = layer(x, ids)  # grad enabled: the general path
-        general_route = layer.gate(x, ids) if hashed else layer.gate(x)
+        general_route = layer.gate(x, input_ids=ids)
     assert len(taken) == 1
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     assert rel_err(fast, general) <= tol
@@ -852,13 +852,15 @@ def test_inference_path_equals_general_path(n, e, score_func, bias, groups, norm
             assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9), name
 
 
-@pytest.mark.parametrize("case", ["grad", "mask", "capacity", "loop", "autocast"])
+@pytest.mark.parametrize("case", ["grad", "mask", "capacity", "loop", "deterministic", "autocast"])
 def test_inference_path_only_where_it_applies(case, monkeypatch):
     """The inference path is taken only under no_grad without token_mask, capacity, another
-    backend or autocast; elsewhere the general path runs (and gives the same output)."""
-    import moe_kit.layer as layer_module
+    backend or forced determinism; elsewhere the general path runs (and gives the same output).
+    Under autocast it runs in the autocast dtype (the experts' dtype there)."""
+    import moe_kit.ops as layer_module
 
-    over = dict(capacity_factor=2.0) if case == "capacity" else dict(backend="loop") if case == "loop" else {}
+    over = {"capacity": dict(capacity_factor=2.0), "loop": dict(backend="loop"),
+            "deterministic": dict(deterministic=True)}.get(case, {})
     layer = build(MoEConfig(hidden_size=D, intermediate_size=INTER, num_experts=6, top_k=2, **over)).eval()
     x = torch.randn(3, 4, D)
     taken = []
@@ -869,7 +871,7 @@ def test_inference_path_only_where_it_applies(case, monkeypatch):
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast")
     with context, autocast:
         out = layer(x, **kwargs)
-    assert not taken
+    assert bool(taken) == (case == "autocast")
     ref = layer(x)  # grad enabled: the general path
     assert rel_err(out.float(), ref) <= (2e-2 if case == "autocast" else 1e-6)
 
@@ -1009,7 +1011,7 @@ def test_gpt_oss_layer_expert_parallel_matches_single_process(tmp_path):
 def test_config_deterministic_reaches_the_dispatch(deterministic):
     """MoEConfig.deterministic is moe_ffn's combine choice for the layer's experts; outputs and
     gradients agree with the default."""
-    import moe_kit.layer as layer_module
+    import moe_kit.experts as layer_module  # GroupedExperts.forward calls ops.dispatch
 
     cfg = MoEConfig(hidden_size=D, intermediate_size=INTER, num_experts=6, top_k=2, deterministic=deterministic)
     layer, default = build(cfg), build(cfg.replace(deterministic=None))

@@ -13,8 +13,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from moe_kit import GroupedExperts
 from moe_kit.ops import moe_ffn, routing_plan, torch_ops
-from moe_kit.ops.capacity import drop_overflow, expert_capacity
 from moe_kit.ops.loop import moe_ffn_loop
 from moe_kit.ops.torch_ops import moe_ffn_torch
 
@@ -874,27 +874,36 @@ def test_expert_biases_without_grad_skip_lean_forward(monkeypatch):
     assert not taken
 
 
-def test_triton_backend_falls_back_to_torch_for_biases_and_swiglu_oai(monkeypatch):
-    """backend="triton" with expert biases or swiglu_oai (no Triton kernels for them) runs the torch
-    backend, as it does for the other non-silu activations."""
+@pytest.mark.parametrize("kw, feature", [
+    pytest.param(dict(bias=True), "expert biases", id="both-biases"),
+    pytest.param(dict(down_bias=True), "expert biases", id="down-bias"),
+    pytest.param(dict(activation="swiglu_oai"), "swiglu_oai", id="swiglu_oai"),
+    pytest.param(dict(activation="gelu"), "gelu", id="gelu"),
+])
+def test_triton_by_name_raises_for_features_its_kernels_lack(kw, feature, monkeypatch):
+    """backend="triton" asked for by name with expert biases or another activation than silu (no
+    Triton kernels for them) raises a ValueError naming the feature, never runs the torch backend
+    silently; "auto" runs the torch backend and equals the loop reference."""
     import moe_kit.ops as ops
 
-    if not ops.triton_importable():
-        pytest.skip("triton is not installed")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    calls = []
-    real = ops.moe_ffn_torch
-    monkeypatch.setattr(ops, "moe_ffn_torch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     x, weights, indices, gate_up, down, _ = make_case(9, 4, 2, 16, 8, F32, seed=1)
     b1, b2 = make_biases(4, 16, 8, F32, seed=1)
-    for kw in (dict(gate_up_proj_bias=b1, down_proj_bias=b2), dict(down_proj_bias=b2),
-               dict(activation="swiglu_oai")):
-        calls.clear()
-        got = moe_ffn(x, weights, indices, gate_up, down, "triton", **kw)
-        ref = moe_ffn_loop(x, weights, indices, gate_up, down, None, kw.get("activation", "silu"),
-                           gate_up_proj_bias=kw.get("gate_up_proj_bias"), down_proj_bias=kw.get("down_proj_bias"))
-        assert calls == [1], kw
-        assert_close(got, ref, 1e-5, f"triton fallback {sorted(kw)}")
+    call = dict(activation=kw.get("activation", "silu"))
+    if kw.get("bias"):
+        call.update(gate_up_proj_bias=b1, down_proj_bias=b2)
+    if kw.get("down_bias"):
+        call.update(down_proj_bias=b2)
+    with pytest.raises(ValueError, match=feature):
+        moe_ffn(x, weights, indices, gate_up, down, "triton", **call)
+    with pytest.raises(ValueError, match=feature):  # at build time too, on any machine
+        GroupedExperts(4, 16, 8, bias=bool(kw.get("bias") or kw.get("down_bias")), activation=call["activation"],
+                       backend="triton")
+    got = moe_ffn(x, weights, indices, gate_up, down, "auto", **call)
+    ref = moe_ffn_loop(x, weights, indices, gate_up, down, None, call["activation"],
+                       gate_up_proj_bias=call.get("gate_up_proj_bias"), down_proj_bias=call.get("down_proj_bias"))
+    assert_close(got, ref, 1e-5, f"auto fallback {sorted(kw)}")
+    assert ops.resolve_backend("auto", x.device) == "torch"
 
 
 @pytest.mark.parametrize(
@@ -1006,93 +1015,3 @@ def test_moe_ffn_backend_names():
     auto = _call(args, "auto")
     ref = ref_moe_ffn(args["x"], args["weights"], args["indices"], args["gate_up_proj"], args["down_proj"])
     assert_close(auto, ref, 1e-5, "auto backend")
-
-
-# ----------------------------------------------------------------------------- capacity
-
-
-def ref_drop_overflow(weights, indices, num_experts, cf):
-    """Plain Python: per expert keep the `capacity` highest-weight slots (ties: earlier slot first)."""
-    n, k = indices.shape
-    capacity = math.ceil(cf * n * k / num_experts)
-    flat_w = weights.reshape(-1).tolist()
-    flat_e = indices.reshape(-1).tolist()
-    kept = list(flat_e)
-    dropped = 0
-    for e in range(num_experts):
-        slots = [s for s in range(n * k) if flat_e[s] == e]
-        slots.sort(key=lambda s: (-flat_w[s], s))
-        for s in slots[capacity:]:
-            kept[s] = num_experts
-            dropped += 1
-    return torch.tensor(kept, dtype=torch.long).view(n, k), dropped, capacity
-
-
-def check_capacity(weights, indices, num_experts, cf):
-    n, k = indices.shape
-    kept, dropped = drop_overflow(weights, indices, num_experts, cf)
-    ref_kept, ref_dropped, capacity = ref_drop_overflow(weights, indices, num_experts, cf)
-    assert expert_capacity(n, k, num_experts, cf) == capacity
-    assert torch.equal(kept, ref_kept)
-    assert int(dropped) == ref_dropped
-    counts = torch.bincount(indices.reshape(-1), minlength=num_experts)
-    kept_counts = torch.bincount(kept.reshape(-1), minlength=num_experts + 1)[:num_experts]
-    assert torch.equal(kept_counts, counts.clamp(max=capacity))
-    assert int(dropped) == int((counts - capacity).clamp(min=0).sum())
-    # a kept slot is never lighter than a dropped slot of the same expert
-    for e in range(num_experts):
-        w_kept = weights[kept == e]
-        w_drop = weights[(indices == e) & (kept == num_experts)]
-        if w_kept.numel() and w_drop.numel():
-            assert float(w_kept.min()) >= float(w_drop.max())
-    # kept slots keep their original id
-    assert torch.equal(kept[kept < num_experts], indices[kept < num_experts])
-
-
-@HYP
-@given(
-    n=st.integers(0, 30),
-    e=st.integers(1, 8),
-    cf=st.sampled_from([0.1, 0.25, 0.5, 1.0, 1.25, 2.0, 8.0]),
-    ties=st.booleans(),
-    data=st.data(),
-)
-def test_drop_overflow_matches_python_reference(n, e, cf, ties, data):
-    k = data.draw(st.integers(1, e), label="k")
-    seed = data.draw(st.integers(0, 2**16), label="seed")
-    mode = data.draw(st.sampled_from(["random", "subset", "one"]), label="mode")
-    gen = torch.Generator().manual_seed(seed)
-    indices = make_indices(gen, n, e, k, mode)
-    weights = torch.rand(n, k, generator=gen)
-    if ties:
-        weights = (weights * 3).floor() / 3
-    check_capacity(weights, indices, e, cf)
-
-
-@pytest.mark.parametrize(
-    "n, e, k, cf, mode",
-    [
-        pytest.param(0, 4, 2, 1.0, "random", id="N=0"),
-        pytest.param(1, 4, 2, 0.1, "random", id="N=1-cf0.1"),
-        pytest.param(12, 4, 1, 1.0, "one", id="all-on-one-expert"),
-        pytest.param(12, 6, 6, 0.5, "random", id="k=E"),
-        pytest.param(20, 7, 2, 100.0, "random", id="huge-cf-drops-nothing"),
-    ],
-)
-def test_drop_overflow_edge_cases(n, e, k, cf, mode):
-    gen = torch.Generator().manual_seed(0)
-    indices = make_indices(gen, n, e, k, mode)
-    weights = torch.rand(n, k, generator=gen)
-    check_capacity(weights, indices, e, cf)
-
-
-def test_drop_overflow_known_values():
-    # 4 tokens, k=1, 2 experts, cf=1 -> capacity ceil(4/2)=2; expert 0 gets 3 tokens, keeps two heaviest
-    indices = torch.tensor([[0], [0], [1], [0]])
-    weights = torch.tensor([[0.2], [0.9], [0.5], [0.4]])
-    kept, dropped = drop_overflow(weights, indices, 2, 1.0)
-    assert kept.tolist() == [[2], [0], [1], [0]]
-    assert int(dropped) == 1
-    # ties: earlier token first
-    kept, dropped = drop_overflow(torch.full((4, 1), 0.5), indices, 2, 1.0)
-    assert kept.tolist() == [[0], [0], [1], [2]]

@@ -182,6 +182,10 @@ class MoEConfig:
                 )
             if self.n_groups > 1:
                 raise ValueError("routing='expert_choice' is incompatible with n_groups > 1 (experts pick tokens)")
+            if self.pad_to_capacity:
+                raise ValueError(
+                    "routing='expert_choice' does not take pad_to_capacity: each expert already takes C tokens"
+                )
         if self.routing == "sinkhorn":
             if self.expert_bias or self.n_groups > 1:
                 raise ValueError(

@@ -8,19 +8,20 @@ all-reduce, checkpoint sharding) live on the top floor in `moe_kit.distributed`.
 
     all_to_all.py   differentiable all_to_all_single with uneven splits; the per-expert count exchange
     agreement.py    check_same_config: every rank built its layer from the same config
-    dispatch.py     ep_moe_ffn: route -> exchange -> local experts (global capacity) -> exchange back -> combine
+    dispatch.py     AllToAllDispatcher: exchange -> local experts (the shared capacity rule) -> exchange back
+                    -> combine
 """
 
 from moe_kit.ep.agreement import check_same_config
 from moe_kit.ep.all_to_all import all_to_all, exchange_counts
-from moe_kit.ep.dispatch import EPResult, ep_moe_ffn, expert_slice, local_experts
+from moe_kit.ep.dispatch import AllToAllDispatcher, expert_settings, expert_slice, local_experts
 
 __all__ = [
     "check_same_config",
     "all_to_all",
     "exchange_counts",
-    "EPResult",
-    "ep_moe_ffn",
+    "AllToAllDispatcher",
+    "expert_settings",
     "expert_slice",
     "local_experts",
 ]

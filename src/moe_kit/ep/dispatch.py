@@ -1,4 +1,4 @@
-"""ep_moe_ffn: the routed experts of an MoE layer spread over the ranks of a process group.
+"""AllToAllDispatcher: the routed experts of an MoE layer spread over the ranks of a process group.
 
 Legend: W ranks, E global experts, El = E / W local experts (rank r holds experts r*El .. (r+1)*El - 1),
 N local tokens, k slots per token, S = N*k local slots, R rows received for our experts, D width.
@@ -6,12 +6,14 @@ N local tokens, k slots per token, S = N*k local slots, R rows received for our 
     1. sort our S slots by expert (routing_plan): rows for rank 0's experts first, then rank 1's, ...
     2. exchange per-expert counts: the [W, E] count matrix gives every split size (one host sync)
     3. all_to_all the token rows x [S, D] -> [R, D], grouped by (source rank, local expert)
-    4. capacity (optional): per expert keep the C = ceil(cf * N_total * k / E) heaviest slots of the
-       whole group, ties to the earlier slot of the batch concatenated in rank order; that is
-       moe_kit.ops.capacity's rule on one process. The routing weights travel along (no grad) so
-       the expert's owner decides; the slots it drops come back as zeros.
-    5. run the local experts on the R rows with weight 1 (the configured backend; expert biases, if
-       any, are this rank's slices [El, .] and ride along with each row's expert output)
+    4. capacity (optional): the layer's CapacityRule (moe_kit.ops.capacity, the same code as on
+       one process) with C computed from the real slots of the whole group; each slot's drop
+       priority (its routing weight, or its place in the group's batch) travels along (no grad) so
+       the expert's owner decides; the slots it drops come back as zeros. The group drops exactly
+       the slots one process drops on the ranks' batches concatenated in rank order.
+    5. run the local experts module on the R rows with weight 1 (its backend; expert biases, if
+       any, are this rank's slices [El, .] and ride along with each row's expert output;
+       pad_to_capacity runs each local expert on exactly C rows)
     6. all_to_all the results back [R, D] -> [S, D]; combine on the source rank:
        out[n] = sum_j weights[n, j] * y[slot n*k + j]
 Routing weights never leave their rank, so d(weights), hence the gate gradient, stay local and
@@ -28,8 +30,7 @@ import torch.distributed as dist
 from moe_kit.config import MoEConfig
 from moe_kit.ep.all_to_all import all_to_all, exchange_counts
 from moe_kit.experts import GroupedExperts
-from moe_kit.ops import dispatch
-from moe_kit.ops.capacity import expert_capacity, over_capacity
+from moe_kit.ops.dispatcher import Dispatched, Dispatcher
 from moe_kit.ops.routing import RoutingPlan, routing_plan
 
 
@@ -61,11 +62,17 @@ def local_experts(cfg: MoEConfig, group) -> GroupedExperts:
     seed = int(torch.randint(0, 2**62, (), device="cpu")) + dist.get_rank(group)
     device = torch.empty(0).device  # where new parameters land (torch.set_default_device)
     if device.type == "meta":
-        return GroupedExperts(count, cfg.hidden_size, cfg.intermediate_size, bias=cfg.expert_proj_bias)
+        return GroupedExperts(count, cfg.hidden_size, cfg.intermediate_size, **expert_settings(cfg))
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.default_generator.manual_seed(seed)
-        experts = GroupedExperts(count, cfg.hidden_size, cfg.intermediate_size, bias=cfg.expert_proj_bias)
+        experts = GroupedExperts(count, cfg.hidden_size, cfg.intermediate_size, **expert_settings(cfg))
     return experts.to(device)
+
+
+def expert_settings(cfg: MoEConfig) -> dict:
+    """GroupedExperts' keyword arguments from a layer config (bias, activation, clamp, backend, determinism)."""
+    return dict(bias=cfg.expert_proj_bias, activation=cfg.activation, swiglu_limit=cfg.swiglu_limit,
+                backend=cfg.backend, deterministic=cfg.deterministic)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -96,90 +103,68 @@ def plan_exchange(indices: torch.Tensor, num_experts: int, group) -> ExchangePla
     return ExchangePlan(plan, counts, rows[rank], recv_splits, local_expert, sum(map(sum, rows)))
 
 
-def global_capacity(num_slots: int, num_experts: int, capacity_factor: float) -> int:
-    """ceil(cf * N_total * k / E), with num_slots = N_total * k: moe_kit.ops.capacity on the whole group."""
-    return expert_capacity(num_slots, 1, num_experts, capacity_factor)
-
-
 def combine(y_rows: torch.Tensor, weights: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """Step 6: y_rows [S, D] in plan order -> out [N, D] = sum_j weights[n, j] * y[slot n*k + j]
     (a fixed-order sum, so deterministic on every device)."""
     num_tokens, top_k = weights.shape
     y_slots = y_rows.index_select(0, plan.row_of_slot).view(num_tokens, top_k, y_rows.shape[1])  # [N, k, D]
-    return torch.bmm(weights.to(y_rows.dtype).unsqueeze(1), y_slots).squeeze(1)
+    return (weights.to(y_rows.dtype).unsqueeze(2) * y_slots).sum(1)
 
 
 # ----------------------------------------------------------------------------- the whole trip
 
 
-@dataclass
-class EPResult:
-    out: torch.Tensor  # [N, D] local tokens' routed-expert output
-    load: torch.Tensor  # int64 [E]: slots each expert processed over the group (after drops)
-    dropped: torch.Tensor | None  # int64 []: slots dropped over the group; None when dropless
-    num_slots: int  # N_total * k over the group
-    send_splits: list[int]  # rows this rank sent to each rank (bytes: rows * D * itemsize, each way)
-    recv_splits: list[int]
+class AllToAllDispatcher(Dispatcher):
+    """The experts spread over `group` (rank r holds experts r*El .. (r+1)*El - 1): the module doc's
+    steps, with the marks and CapacityRule of moe_kit.ops.dispatcher.Dispatcher (one implementation
+    with the local dispatcher). Every rank of the group must call it with the same config, also with
+    no tokens. After a call, `sent_rows` / `sent_bytes` count the token payload this rank sent:
+    the D-vectors of its slots to the experts' ranks plus the results it sent back (rows kept on
+    this rank included), in the activation dtype, plus one drop priority per slot sent under
+    capacity (the count exchange, [W, E] int64, is not counted)."""
 
+    def __init__(self, num_experts, top_k, capacity, gate_marks=False, *, group):
+        super().__init__(num_experts, top_k, capacity, gate_marks)
+        self.group = group
+        self.sent_rows = 0
+        self.sent_bytes = 0
+        self.send_splits: list[int] = []  # rows this rank sent to each rank in the last call (dispatch)
+        self.recv_splits: list[int] = []
 
-def ep_moe_ffn(
-    x: torch.Tensor,
-    weights: torch.Tensor,
-    indices: torch.Tensor,
-    gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
-    group,
-    backend: str = "auto",
-    swiglu_limit: float | None = None,
-    capacity_factor: float | None = None,
-    drop_policy: str = "probs",
-    activation: str = "silu",
-    *,
-    gate_up_proj_bias: torch.Tensor | None = None,
-    down_proj_bias: torch.Tensor | None = None,
-) -> EPResult:
-    """Routed SwiGLU experts held across `group` (see the module doc for the steps).
-
-    Args:
-        x: [N, D] local tokens (N may be 0); weights [N, k] routing weights; indices int [N, k]
-            global expert ids in 0..E-1, E = El * W; id E marks a slot that gets no expert
-            (padding): it never travels, counts for no load or capacity, and contributes zero.
-        gate_up_proj: [El, 2I, D] and down_proj [El, D, I]: this rank's experts, in x's dtype.
-        gate_up_proj_bias [El, 2I], down_proj_bias [El, D]: their optional biases (expert_proj_bias);
-            the down bias is part of the expert output, so the source rank's combine weights it.
-        group: the expert-parallel process group; every rank of it must call with the same config.
-        capacity_factor: None (dropless) or the factor of the group-wide capacity rule.
-        activation: the gated activation of the experts (moe_kit.activations).
-        drop_policy: "probs" (heaviest slots stay) or "position" (earliest slots of the batch
-            concatenated in rank order stay), as moe_kit.ops.capacity on one process.
-    Returns:
-        EPResult with out [N, D], differentiable in x, weights and the expert tensors.
-    """
-    num_local = gate_up_proj.shape[0]
-    num_experts = num_local * dist.get_world_size(group)
-    ex = plan_exchange(indices, num_experts, group)
-    kept = sum(ex.send_splits)  # slots marked E (padding) sort last and never travel
-    x_rows = x.index_select(0, ex.plan.token_of_row[:kept])  # [S_kept, D], sorted by expert
-    recv_x = all_to_all(x_rows, ex.send_splits, ex.recv_splits, group)  # [R, D]
-    expert = ex.local_expert
-    load = ex.counts.sum(0)
-    dropped = None
-    if capacity_factor is not None:
-        capacity = global_capacity(ex.num_slots, num_experts, capacity_factor)
-        with torch.no_grad():  # the weights only decide which slots stay
-            w_rows = weights.reshape(-1).index_select(0, ex.plan.slot_of_row[:kept])
-            recv_w = all_to_all(w_rows, ex.send_splits, ex.recv_splits, group)  # [R]
-        expert = expert.masked_fill(over_capacity(recv_w, expert, num_local, capacity, drop_policy), num_local)
-        load = load.clamp(max=capacity)
-        dropped = ex.num_slots - load.sum()
-    ones = recv_x.new_ones(recv_x.shape[0], 1, dtype=torch.float32)  # weights are applied on the way back
-    y = dispatch(
-        recv_x, ones, expert.unsqueeze(1), gate_up_proj, down_proj, backend, swiglu_limit,
-        has_dropped=capacity_factor is not None, activation=activation,
-        gate_up_proj_bias=gate_up_proj_bias, down_proj_bias=down_proj_bias,
-    )  # [R, D], zeros (no bias either) for dropped rows
-    y_rows = all_to_all(y, ex.recv_splits, ex.send_splits, group)  # [S_kept, D], back in plan order
-    if kept < ex.plan.slot_of_row.numel():  # marked slots contribute zeros
-        y_rows = torch.cat([y_rows, y_rows.new_zeros(ex.plan.slot_of_row.numel() - kept, y_rows.shape[1])])
-    out = combine(y_rows, weights, ex.plan)
-    return EPResult(out, load, dropped, ex.num_slots, ex.send_splits, ex.recv_splits)
+    def __call__(self, x, weights, indices, experts, mask=None, batch_shape=None) -> Dispatched:
+        """x [N, D], weights [N, k], indices int64 [N, k] (global ids), experts: this rank's
+        GroupedExperts [El, ...], mask bool [N] or None, batch_shape: the layer input's leading shape."""
+        group, num_experts = self.group, self.num_experts
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        num_local = num_experts // world
+        marked = self.mark_padding(indices, mask)  # padding (id E) sorts last and never travels
+        ex = plan_exchange(marked, num_experts, group)
+        kept = sum(ex.send_splits)
+        x_rows = x.index_select(0, ex.plan.token_of_row[:kept])  # [S_kept, D], sorted by expert
+        recv_x = all_to_all(x_rows, ex.send_splits, ex.recv_splits, group)  # [R, D]
+        expert = ex.local_expert
+        load = ex.counts.sum(0)
+        dropped = pad_to = None
+        rule = self.capacity
+        if rule is not None:
+            capacity = rule.capacity(ex.num_slots, num_experts)
+            with torch.no_grad():  # the priorities only decide which slots stay
+                priority = rule.priority(weights, batch_shape or (x.shape[0],), rank, world)
+                priority = all_to_all(priority.index_select(0, ex.plan.slot_of_row[:kept]), ex.send_splits,
+                                      ex.recv_splits, group)  # [R]
+            expert = rule.drop(priority, expert, num_local, capacity)
+            load = load.clamp(max=capacity)
+            dropped = ex.num_slots - load.sum()
+            pad_to = rule.pad_rows(capacity)
+        ones = recv_x.new_ones(recv_x.shape[0], 1, dtype=torch.float32)  # weights are applied on the way back
+        y = experts(recv_x, ones, expert.unsqueeze(1), has_dropped=rule is not None, pad_to=pad_to)  # [R, D]
+        y_rows = all_to_all(y, ex.recv_splits, ex.send_splits, group)  # [S_kept, D], back in plan order
+        if kept < ex.plan.slot_of_row.numel():  # marked slots contribute zeros
+            y_rows = torch.cat([y_rows, y_rows.new_zeros(ex.plan.slot_of_row.numel() - kept, y_rows.shape[1])])
+        out = combine(y_rows, weights, ex.plan)
+        self.send_splits, self.recv_splits = ex.send_splits, ex.recv_splits
+        self.sent_rows = kept + sum(ex.recv_splits)  # tokens out, results back
+        self.sent_bytes = self.sent_rows * x.shape[1] * x.element_size()
+        if rule is not None:  # one drop priority per slot sent
+            self.sent_bytes += kept * priority.element_size()
+        return Dispatched(out, marked, dropped, load=load.detach(), num_slots=ex.num_slots)

@@ -61,11 +61,19 @@ class ExpertChoiceGate(Router):
         self.unrouted_fraction: torch.Tensor | None = None
         self.capacity: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, *, input_ids: torch.Tensor | None = None, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., D] -> (weights [N, k] in the router dtype, indices int64 [N, k]); input_ids unused."""
         scores, logits, batch_shape, mask = self._score(x, token_mask)  # [N, E] each
         picked = self._choose(scores.detach(), mask)  # bool [N, E]
         indices = compact_choice(picked)
         return self._weights(scores, indices, logits, batch_shape, mask), indices
+
+    def capacity_rule(self) -> None:
+        """None: the experts' choice already is the capacity (each expert takes C tokens); the
+        dispatcher adds none."""
+        return None
 
     def replay_weights(self, x: torch.Tensor, indices: torch.Tensor, token_mask: torch.Tensor | None = None):
         """Weights [N, K] for given indices [N, K] (E = no expert) from the current scores (routing replay)."""

@@ -15,7 +15,7 @@ from moe_kit.gates.router import Router
 class HashGate(Router):
     """Hash router: the experts of a token are fixed by its id, `tid2eid` int64 [V, k].
 
-    forward(x [..., D], input_ids int [...] matching x's leading shape, token_mask bool [...] = None)
+    forward(x [..., D], *, input_ids int [...] matching x's leading shape, token_mask bool [...] = None)
     -> (weights fp32 [N, k], indices int64 [N, k]). Ids of padded tokens (token_mask False) are not
     checked and route like id 0.
     """
@@ -40,8 +40,11 @@ class HashGate(Router):
         super().reset_parameters()
         self._reset_table()
 
+    def scheme_name(self) -> str:
+        return "hash"
+
     def forward(
-        self, x: torch.Tensor, input_ids: torch.Tensor | None = None, token_mask: torch.Tensor | None = None
+        self, x: torch.Tensor, *, input_ids: torch.Tensor | None = None, token_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         scores, logits, batch_shape, mask = self._score(x, token_mask)  # [N, E] each
         ids = self._check_ids(input_ids, scores.shape[0], mask)

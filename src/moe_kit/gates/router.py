@@ -24,6 +24,7 @@ from moe_kit.balancing import (
 from moe_kit.config import MoEConfig
 from moe_kit.gates.scores import routing_scores
 from moe_kit.group_balancing import group_balancing_losses
+from moe_kit.ops.capacity import CapacityRule
 from moe_kit.stats import score_entropy
 
 
@@ -111,6 +112,17 @@ class Router(nn.Module):
     def reset_parameters(self) -> None:
         """(Re)initialize everything this gate owns, e.g. after `to_empty()` of a meta-built model."""
         self._reset_router()
+
+    def capacity_rule(self) -> CapacityRule | None:
+        """The capacity the dispatcher applies to this gate's routing: cfg's capacity_factor,
+        drop_policy and pad_to_capacity (None when dropless). Schemes whose selection already is
+        the capacity (expert choice) return None."""
+        cfg = self.cfg
+        return CapacityRule.of(cfg.capacity_factor, cfg.drop_policy, cfg.pad_to_capacity)
+
+    def scheme_name(self) -> str:
+        """A short name of the routing, for reprs: the score function (hash routing: "hash")."""
+        return self.cfg.score_func
 
     # ------------------------------------------------------------------------- forward pieces
 

@@ -67,7 +67,10 @@ class SinkhornGate(Router):
         self.expert_counts = None
         self.sinkhorn_iters: int | None = None
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, *, input_ids: torch.Tensor | None = None, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., D] -> (weights [N, k] in the router dtype, indices int64 [N, k]); input_ids unused."""
         scores, logits, batch_shape, mask = self._score(x, token_mask)  # [N, E] each
         self.sinkhorn_iters = None
         if self.training:

@@ -13,7 +13,7 @@ import torch
 from moe_kit.activations import ACTIVATIONS, check_activation, swiglu
 from moe_kit.ops.loop import moe_ffn_loop
 from moe_kit.ops.routing import RoutingPlan, routing_plan
-from moe_kit.ops.torch_ops import moe_ffn_torch
+from moe_kit.ops.torch_ops import inference_ffn, moe_ffn_torch, use_grouped_mm
 
 __all__ = ["moe_ffn", "resolve_backend", "check_backend", "routing_plan", "RoutingPlan", "swiglu", "ACTIVATIONS"]
 
@@ -34,15 +34,28 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def check_backend(backend: str) -> None:
-    """Fail early, before any tensor exists: unknown name, or "triton" on a machine that cannot run it."""
+def check_backend(backend: str, activation: str = "silu", bias: bool = False) -> None:
+    """Fail early, before any tensor exists: unknown name, or "triton" on a machine that cannot run
+    it or for experts its kernels lack (another activation than silu, expert biases)."""
     if backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {list(_BACKENDS)}")
     if backend == "triton":
+        _check_triton_features(activation, bias)
         if not triton_importable():
             raise ValueError("backend 'triton' needs the triton package (pip install 'moe-kit[triton]')")
         if not (torch.cuda.is_available() or _triton_interpreting()):
             raise ValueError("backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 to run on CPU)")
+
+
+def _check_triton_features(activation: str, bias: bool) -> None:
+    """backend="triton" asked for by name runs the Triton kernels or raises: they have SwiGLU (silu)
+    only and no expert biases ("auto" picks the torch backend for those)."""
+    if activation != "silu":
+        raise ValueError(f"backend 'triton' has no kernels for activation {activation!r} (silu only); "
+                         "use backend='torch' or 'auto'")
+    if bias:
+        raise ValueError("backend 'triton' has no kernels for expert biases (expert_proj_bias); "
+                         "use backend='torch' or 'auto'")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -93,16 +106,16 @@ def moe_ffn(
             passed benchmarks/gpu_suite.py on a real GPU; see TRITON_GPU_SUITE_PASSED).
         swiglu_limit: optional clamp (gate <= limit, |up| <= limit) before act(gate) * up.
         activation: "silu" (SwiGLU, default) | "gelu" | "gelu_tanh" | "relu" | "swiglu_oai"
-            (gpt-oss: (up + 1) * gate * sigmoid(1.702 * gate)). The Triton kernels have silu only;
-            other activations run on the torch backend when "triton" is asked.
+            (gpt-oss: (up + 1) * gate * sigmoid(1.702 * gate)). The Triton kernels have silu only:
+            backend "triton" with another activation raises ValueError ("auto" runs torch).
         recompute: what the torch backend rebuilds in the backward instead of saving: "act" (default:
             saves h [N*k, 2I], regathers x rows and recomputes the activation) or "gemm1" (saves no
             [N*k, .] tensor, runs the first GEMM again: less memory, ~20% more fwd+bwd time on CPU).
             The Triton backend always saves h.
         gate_up_proj_bias: optional [E, 2I] (gate half, then up half) added to the first GEMM's output.
         down_proj_bias: optional [E, D] added to the second's, before the routing weight (gpt-oss:
-            FFN = down(act(gate_up(x) + b1)) + b2, weighted as a whole). With either bias "triton"
-            runs the torch backend (its kernels have no bias).
+            FFN = down(act(gate_up(x) + b1)) + b2, weighted as a whole). The Triton kernels have
+            no bias: backend "triton" with either bias raises ValueError.
         deterministic: how each token's k expert outputs (and, in the backward, its k input-gradient
             rows) are summed. None (default): a fixed order on CUDA (bitwise run-to-run), index_add
             on CPU (deterministic there too). True: a fixed order everywhere. False: atomic adds
@@ -135,23 +148,40 @@ def dispatch(x, weights, indices, gate_up_proj, down_proj, backend, swiglu_limit
              deterministic=None):
     """moe_ffn without input checks; ids == E mark dropped slots when `has_dropped`; pad_to: every
     expert's GEMMs on exactly pad_to rows (torch backend; other backends compute the same values);
-    deterministic as moe_ffn's."""
+    deterministic as moe_ffn's. Picks the backend path, the eager CPU inference path included."""
+    has_bias = gate_up_proj_bias is not None or down_proj_bias is not None
+    if backend in ("auto", "torch") and _cpu_inference(x, has_dropped, pad_to, has_bias, deterministic, gate_up_proj,
+                                                       down_proj):
+        return inference_ffn(x, weights, indices, gate_up_proj, down_proj, activation, swiglu_limit)
     backend = resolve_backend(backend, x.device)
     biases = dict(gate_up_proj_bias=gate_up_proj_bias, down_proj_bias=down_proj_bias)
     if backend == "loop":
         return moe_ffn_loop(x, weights, indices, gate_up_proj, down_proj, swiglu_limit, activation, **biases)
-    if backend == "triton" and activation == "silu" and gate_up_proj_bias is None and down_proj_bias is None:
+    if backend == "triton":
+        _check_triton_features(activation, has_bias)
         from moe_kit.ops.triton import SUPPORTED_DTYPES, moe_ffn_triton  # imports triton on first use
 
         if x.dtype in SUPPORTED_DTYPES:
             return moe_ffn_triton(x, weights, indices, gate_up_proj, down_proj, swiglu_limit, has_dropped,
                                   deterministic)
         # other dtypes (float64) have no Triton kernels: the torch backend computes them
-    # other activations and expert biases have no Triton kernels either
     if deterministic is False and torch.are_deterministic_algorithms_enabled():
         deterministic = True
     return moe_ffn_torch(x, weights, indices, gate_up_proj, down_proj, swiglu_limit, has_dropped, deterministic,
                          activation=activation, recompute=recompute, pad_to=pad_to, **biases)
+
+
+def _cpu_inference(x, has_dropped, pad_to, has_bias, deterministic, gate_up_proj, down_proj) -> bool:
+    """Whether the routed experts take the eager CPU inference path (torch_ops.inference_ffn): no
+    grad, CPU, not compiling, rows present, nothing dropped or padded, no expert biases, not forced
+    deterministic, and a dtype and widths grouped_mm runs. What it skips (routing plan, backward
+    bookkeeping, the general path's checks) is a third of the experts' time at decode sizes."""
+    return (
+        not torch.is_grad_enabled() and x.device.type == "cpu" and x.shape[0] > 0 and not has_dropped
+        and pad_to is None and not has_bias and deterministic is not True
+        and not torch.compiler.is_compiling()  # compiled: the sorted FFN's custom op (host reads there)
+        and use_grouped_mm(x.dtype, x.device, *gate_up_proj.shape[1:], down_proj.shape[2])
+    )
 
 
 def check_moe_ffn_inputs(x, weights, indices, gate_up_proj, down_proj, gate_up_proj_bias=None,
