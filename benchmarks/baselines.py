@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_kit import HashGate, MoEConfig, MoELayer
+from moe_kit import MoEConfig, MoELayer
 
 
 class HFEagerMoEBlock(nn.Module):
@@ -92,7 +92,7 @@ class HFEagerLoop(HFEagerMoEBlock):
             shape = hidden_states.shape
             flat = hidden_states.reshape(-1, shape[-1])
             gate = self.layer.gate
-            weights, indices = gate(flat, input_ids) if isinstance(gate, HashGate) else gate(flat)
+            weights, indices = gate(flat, input_ids=input_ids)
             out = self._experts(flat, indices, weights.to(flat.dtype)).reshape(shape)
         if self.layer.shared_experts is not None:
             out = out + self.layer.shared_experts(hidden_states)

@@ -165,7 +165,7 @@ def reference(layer: MoELayer, x: torch.Tensor, input_ids: torch.Tensor | None) 
     """fp32 reference: the layer's gate, then moe_ffn(..., backend="loop"), plus the shared experts."""
     ref = copy.deepcopy(layer).float()
     x32 = x.float()
-    weights, indices = ref.gate(x32, input_ids) if isinstance(ref.gate, HashGate) else ref.gate(x32)
+    weights, indices = ref.gate(x32, input_ids=input_ids)
     out = moe_ffn(x32, weights, indices, ref.experts.gate_up_proj, ref.experts.down_proj, backend="loop",
                   swiglu_limit=ref.cfg.swiglu_limit)
     if ref.shared_experts is not None:

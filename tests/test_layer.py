@@ -1031,3 +1031,58 @@ def test_config_deterministic_reaches_the_dispatch(deterministic):
     out.sum().backward()
     ref.sum().backward()
     assert rel_err(layer.experts.gate_up_proj.grad, default.experts.gate_up_proj.grad) <= 1e-6
+
+
+# ----------------------------------------------------------------------------- router -> dispatcher -> experts
+
+
+@pytest.mark.parametrize("over", [
+    pytest.param({}, id="dropless"),
+    pytest.param(dict(capacity_factor=0.5, pad_to_capacity=True), id="capacity-padded"),
+    pytest.param(dict(routing="expert_choice", capacity_factor=1.0), id="expert-choice"),
+])
+def test_expert_module_hooks_see_every_expert_call(over):
+    """GroupedExperts.forward runs the routed experts: a forward hook on layer.experts sees the rows,
+    routing weights and dispatched indices (dropped / unrouted slots as E), and what it returns is
+    the routed output (the layer's output minus nothing else: no shared experts here)."""
+    layer = build(MoEConfig(hidden_size=D, intermediate_size=INTER, num_experts=4, top_k=2, **over))
+    seen = []
+    layer.experts.register_forward_hook(lambda module, args, out: seen.append((args, out)))
+    x = torch.randn(3, 5, D)
+    out = layer(x)
+    assert len(seen) == 1
+    (rows, weights, indices), routed = seen[0]
+    assert rows.shape == (15, D) and weights.shape == indices.shape and indices.shape[0] == 15
+    assert torch.equal(routed, out.view(15, D))
+    if over:
+        assert bool((indices == 4).any())  # capacity / expert choice left some slots without expert
+
+
+class _FirstExpertsGate(nn.Module):
+    """A routing scheme the layer has never heard of: tokens go to experts 0 and 1 with weight 1/2."""
+
+    def __init__(self):
+        super().__init__()
+        self.expert_bias = None
+        self.aux_loss = self.z_loss = None
+        self.marks_unrouted = False
+
+    def forward(self, x, *, input_ids=None, token_mask=None):
+        n = x.reshape(-1, x.shape[-1]).shape[0]
+        return torch.full((n, 2), 0.5), torch.tensor([[0, 1]]).expand(n, 2)
+
+    def capacity_rule(self):
+        return None
+
+
+def test_any_gate_with_the_router_signature_drives_the_layer():
+    """The layer calls gate(x, input_ids=..., token_mask=...) and nothing else per forward: a new
+    routing scheme needs no change in the layer (no branch on gate types)."""
+    layer = build(MoEConfig(hidden_size=D, intermediate_size=INTER, num_experts=4, top_k=2))
+    layer.gate = _FirstExpertsGate()
+    layer.dispatcher = layer._make_dispatcher()
+    x = torch.randn(6, D)
+    ref = moe_kit.ops.moe_ffn(x, torch.full((6, 2), 0.5), torch.tensor([[0, 1]]).expand(6, 2),
+                              layer.experts.gate_up_proj, layer.experts.down_proj, backend="loop")
+    assert rel_err(layer(x), ref) <= 1e-6
+    assert torch.equal(layer.stats.load, torch.tensor([6, 6, 0, 0]))

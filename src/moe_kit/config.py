@@ -34,6 +34,19 @@ ROUTINGS = ("token_choice", "expert_choice", "sinkhorn")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")  # moe_kit.activations
 ROUTER_DTYPES = (torch.float32, torch.float64)
 
+# Checks that concern one routing scheme live with that scheme (moe_kit.gates.<scheme>), which
+# registers them here when it is imported (`import moe_kit` imports every gate): scheme -> checks.
+_SCHEME_CHECKS: dict[str, list] = {}
+
+
+def register_scheme_check(scheme: str, check) -> None:
+    """Run `check(cfg)` (raising ValueError naming the field) on every config with routing == scheme
+    ("hash": every config that routes some layer by token id)."""
+    checks = _SCHEME_CHECKS.setdefault(scheme, [])
+    if check not in checks:
+        checks.append(check)
+
+
 _INT_FIELDS = (
     "hidden_size", "intermediate_size", "num_experts", "top_k", "num_shared_experts",
     "n_groups", "topk_groups", "n_hash_layers",
@@ -163,37 +176,11 @@ class MoEConfig:
                     f"top_k={self.top_k} is unreachable: topk_groups={self.topk_groups} groups of "
                     f"{self.num_experts // self.n_groups} experts hold only {reachable}"
                 )
-        if self.routes_by_hash and self.vocab_size is None:
-            raise ValueError("hash routing (hash_routing or n_hash_layers > 0) needs vocab_size")
         if self.pad_to_capacity and self.capacity_factor is None:
             raise ValueError("pad_to_capacity=True needs a capacity_factor (None is dropless: no capacity to pad to)")
-        if self.routing == "expert_choice":
-            if self.capacity_factor is None:
-                raise ValueError(
-                    "routing='expert_choice' needs capacity_factor: each expert takes C = ceil(c * N / E) tokens"
-                )
-            if self.routes_by_hash:
-                raise ValueError(
-                    "routing='expert_choice' is incompatible with hash routing (hash_routing / n_hash_layers)"
-                )
-            if self.expert_bias:
-                raise ValueError(
-                    "routing='expert_choice' is incompatible with expert_bias (noaux_tc steers token choice)"
-                )
-            if self.n_groups > 1:
-                raise ValueError("routing='expert_choice' is incompatible with n_groups > 1 (experts pick tokens)")
-            if self.pad_to_capacity:
-                raise ValueError(
-                    "routing='expert_choice' does not take pad_to_capacity: each expert already takes C tokens"
-                )
-        if self.routing == "sinkhorn":
-            if self.expert_bias or self.n_groups > 1:
-                raise ValueError(
-                    "routing='sinkhorn' is incompatible with expert_bias and n_groups > 1 (the Sinkhorn plan "
-                    "balances the selection itself, as Megatron's sinkhorn load balancing)"
-                )
-            if self.routes_by_hash:
-                raise ValueError("routing='sinkhorn' is incompatible with hash routing (hash_routing / n_hash_layers)")
+        for scheme in (self.routing, "hash") if self.routes_by_hash else (self.routing,):
+            for check in _SCHEME_CHECKS.get(scheme, ()):  # each routing scheme checks its own fields
+                check(self)
 
     def _check_aux_losses(self):
         kind, coef = self.aux_loss_type, self.aux_loss_coef

@@ -34,7 +34,7 @@ import torch
 
 from moe_kit.balancing import SUM_FLOOR
 from moe_kit.capacity_rule import capacity_of, decimal_ratio
-from moe_kit.config import MoEConfig
+from moe_kit.config import MoEConfig, register_scheme_check
 from moe_kit.gates.router import Router
 from moe_kit.stats import score_entropy
 
@@ -52,10 +52,7 @@ class ExpertChoiceGate(Router):
 
     def __init__(self, cfg: MoEConfig):
         super().__init__(cfg)
-        if cfg.capacity_factor is None:
-            raise ValueError("routing='expert_choice' needs capacity_factor: each expert takes ceil(c * N / E) tokens")
-        if cfg.expert_bias:
-            raise ValueError("routing='expert_choice' is incompatible with expert_bias (noaux_tc steers token choice)")
+        check_expert_choice_config(self.cfg)  # a config edited after validation (frozen copies cannot be)
         self.expert_bias = None  # no aux-loss-free balancing here: the load is C per expert by construction
         self.expert_counts = None
         self.unrouted_fraction: torch.Tensor | None = None
@@ -122,10 +119,21 @@ class ExpertChoiceGate(Router):
         return self._with_losses(weights * self.cfg.route_scale, scores, logits, batch_shape, mask)
 
 
-def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
-    """C = min(ceil(c * N / E), N): the tokens each expert takes under expert choice, with c taken
-    as the decimal it was written as (moe_kit.capacity_rule: 1.1 * 100 / 10 is 11, not 12)."""
-    return min(capacity_of(num_tokens, num_experts, decimal_ratio(capacity_factor)), num_tokens)
+def check_expert_choice_config(cfg: MoEConfig) -> None:
+    """The fields expert choice needs or cannot take (ValueError naming them)."""
+    if cfg.capacity_factor is None:
+        raise ValueError("routing='expert_choice' needs capacity_factor: each expert takes C = ceil(c * N / E) tokens")
+    if cfg.routes_by_hash:
+        raise ValueError("routing='expert_choice' is incompatible with hash routing (hash_routing / n_hash_layers)")
+    if cfg.expert_bias:
+        raise ValueError("routing='expert_choice' is incompatible with expert_bias (noaux_tc steers token choice)")
+    if cfg.n_groups > 1:
+        raise ValueError("routing='expert_choice' is incompatible with n_groups > 1 (experts pick tokens)")
+    if cfg.pad_to_capacity:
+        raise ValueError("routing='expert_choice' does not take pad_to_capacity: each expert already takes C tokens")
+
+
+register_scheme_check("expert_choice", check_expert_choice_config)
 
 
 def compact_choice(picked: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moe_kit.config import MoEConfig
+from moe_kit.config import MoEConfig, register_scheme_check
 from moe_kit.gates.router import Router
 
 
@@ -22,8 +22,7 @@ class HashGate(Router):
 
     def __init__(self, cfg: MoEConfig):
         super().__init__(cfg)
-        if cfg.vocab_size is None:
-            raise ValueError("HashGate needs cfg.vocab_size")
+        check_hash_config(self.cfg)
         self.register_buffer("tid2eid", torch.empty(cfg.vocab_size, cfg.top_k, dtype=torch.long))
         self.expert_bias = None
         self.expert_counts = None
@@ -69,6 +68,15 @@ class HashGate(Router):
                     f"input_ids must lie in [0, vocab_size={self.cfg.vocab_size}), got min {low} max {high}"
                 )
         return ids
+
+
+def check_hash_config(cfg: MoEConfig) -> None:
+    """What hash routing needs (ValueError naming the field)."""
+    if cfg.vocab_size is None:
+        raise ValueError("hash routing (hash_routing or n_hash_layers > 0) needs vocab_size")
+
+
+register_scheme_check("hash", check_hash_config)
 
 
 def hash_table(vocab_size: int, num_experts: int, top_k: int, seed: int = 0) -> torch.Tensor:

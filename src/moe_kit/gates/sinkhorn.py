@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from moe_kit.config import MoEConfig
+from moe_kit.config import MoEConfig, register_scheme_check
 from moe_kit.gates.router import Router
 
 # Wanted as MoEConfig fields (sinkhorn_max_iters, sinkhorn_tol); module constants until then.
@@ -59,10 +59,7 @@ class SinkhornGate(Router):
 
     def __init__(self, cfg: MoEConfig):
         super().__init__(cfg)
-        if cfg.expert_bias:
-            raise ValueError("routing='sinkhorn' is incompatible with expert_bias (Sinkhorn balances the batch itself)")
-        if cfg.n_groups > 1:
-            raise ValueError("routing='sinkhorn' does not support group-limited routing (n_groups > 1)")
+        check_sinkhorn_config(self.cfg)
         self.expert_bias = None
         self.expert_counts = None
         self.sinkhorn_iters: int | None = None
@@ -79,6 +76,20 @@ class SinkhornGate(Router):
         else:
             indices = scores.detach().topk(self.top_k, dim=-1).indices
         return self._finish_weights(scores, indices, logits, batch_shape, mask), indices
+
+
+def check_sinkhorn_config(cfg: MoEConfig) -> None:
+    """The fields Sinkhorn routing cannot take (ValueError naming them)."""
+    if cfg.expert_bias or cfg.n_groups > 1:
+        raise ValueError(
+            "routing='sinkhorn' is incompatible with expert_bias and n_groups > 1 (the Sinkhorn plan "
+            "balances the selection itself, as Megatron's sinkhorn load balancing)"
+        )
+    if cfg.routes_by_hash:
+        raise ValueError("routing='sinkhorn' is incompatible with hash routing (hash_routing / n_hash_layers)")
+
+
+register_scheme_check("sinkhorn", check_sinkhorn_config)
 
 
 @torch.no_grad()
