@@ -138,6 +138,8 @@ class AllToAllDispatcher(Dispatcher):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         num_local = num_experts // world
         marked = self.mark_padding(indices, mask)  # padding (id E) sorts last and never travels
+        if x.is_meta:  # shapes only (every rank of a meta-built model): nothing to exchange
+            return Dispatched(torch.zeros_like(x), marked, None)
         ex = plan_exchange(marked, num_experts, group)
         kept = sum(ex.send_splits)
         x_rows = x.index_select(0, ex.plan.token_of_row[:kept])  # [S_kept, D], sorted by expert
