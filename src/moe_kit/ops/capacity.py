@@ -10,7 +10,8 @@ Which slots an expert keeps (`drop_policy`):
               input the layer orders by position in the sequence first (s, then b), as Megatron's
               sequence-major tokens do: the last positions of every sequence drop first.
 C is computed exactly (moe_kit.capacity_rule): capacity_factor is taken as the decimal it was
-written as (1.1 is 11/10), so ceil(1.1 * 100 / 10) is 11, where float arithmetic gives 12.
+written as (1.1 is 11/10). Megatron's float formula math.ceil((N*k / E) * cf) can exceed it by one:
+cf=1.1, 400 slots, 8 experts gives 56 there and 55 here (capacity_rule lists more cases).
 """
 
 from __future__ import annotations
