@@ -9,6 +9,8 @@ relative link points at a file.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -34,13 +36,11 @@ def blocks(language: str) -> list[tuple[int, str]]:
 
 
 def test_every_python_block_runs_in_order(tmp_path):
-    import json
-
     code = blocks("python")
     assert len(code) >= 6, f"expected the README's python blocks, found {len(code)}"
     (tmp_path / "blocks.json").write_text(json.dumps(code))
     (tmp_path / "runner.py").write_text(RUNNER)
-    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
     proc = subprocess.run([sys.executable, "runner.py", "blocks.json"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"a README block failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -69,7 +69,7 @@ def test_named_scripts_exist_and_take_the_flags_shown():
         for flag in re.findall(r"--[\w-]+", args):
             assert f'"{flag}"' in source, f"README runs {script} with {flag}, which it does not define"
     help_run = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), "--help"],
-                              env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"},
+                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
                               capture_output=True, text=True, timeout=120)
     assert help_run.returncode == 0 and "--steps" in help_run.stdout, help_run.stderr
 
