@@ -1,6 +1,7 @@
 """Balancing losses (Switch aux, z-loss), their self-attached gradients, and the expert-bias update.
 
-References are plain torch written here (DESIGN.md "Losses" and "Expert-bias update").
+References are plain torch written here, from the definitions: the Switch aux loss E * sum_i f_i * P_i,
+the z-loss mean(logsumexp(logits)^2), and the expert-bias step bias += rate * sign(mean_load - load).
 """
 
 from __future__ import annotations

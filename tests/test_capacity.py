@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_kit import MoEConfig, MoELayer
+from moe_kit.capacity_rule import capacity_of, decimal_ratio
 from moe_kit.ops.capacity import expert_capacity, over_capacity
 
 HYP = settings(max_examples=40, deadline=None)
@@ -36,7 +37,8 @@ def ref_over_capacity(weights, expert, num_experts, capacity, policy):
 @pytest.mark.parametrize(
     "cf,tokens,k,experts,expected",
     [
-        pytest.param(1.1, 100, 1, 10, 11, id="1.1x100/10=11-not-12"),
+        pytest.param(1.1, 100, 1, 10, 11, id="1.1x100/10=11"),
+        pytest.param(1.1, 200, 2, 8, 55, id="1.1x400/8=55"),
         pytest.param(1.2, 50, 1, 6, 10, id="1.2x50/6=10"),
         pytest.param(0.7, 30, 1, 21, 1, id="0.7x30/21=1"),
         pytest.param(1.0, 7, 2, 4, 4, id="ceil-3.5"),
@@ -45,6 +47,30 @@ def ref_over_capacity(weights, expert, num_experts, capacity, policy):
 )
 def test_expert_capacity_is_exact(cf, tokens, k, experts, expected):
     assert expert_capacity(tokens, k, experts, cf) == expected
+
+
+def megatron_capacity(num_slots: int, num_experts: int, capacity_factor: float) -> int:
+    """Megatron-Core's get_capacity(num_tokens=N*k, ...) as apply_router_token_dropping calls it:
+    math.ceil((num_tokens / num_experts) * capacity_factor) in Python floats."""
+    return math.ceil((num_slots / num_experts) * capacity_factor)
+
+
+@pytest.mark.parametrize(
+    "cf,slots,experts,exact",
+    [
+        pytest.param(1.1, 400, 8, 55, id="1.1x400/8"),  # 50.0 * 1.1 = 55.00000000000001
+        pytest.param(1.1, 100, 2, 55, id="1.1x100/2"),
+        pytest.param(0.9, 100, 6, 15, id="0.9x100/6"),  # 16.666666666666668 * 0.9 = 15.000000000000002
+        pytest.param(1.3, 70, 13, 7, id="1.3x70/13"),
+    ],
+)
+def test_exact_capacity_where_megatrons_float_formula_rounds_up(cf, slots, experts, exact):
+    """The cases docs/routing_references.md cites: Megatron's float formula gives one more slot
+    than the exact value; moe_kit gives the exact one (1.1 * 100 / 10, by contrast, is 11 in both)."""
+    assert Fraction(str(cf)) * slots / experts == exact  # the exact value is an integer here
+    assert megatron_capacity(slots, experts, cf) == exact + 1
+    assert capacity_of(slots, experts, decimal_ratio(cf)) == exact
+    assert megatron_capacity(100, 10, 1.1) == capacity_of(100, 10, decimal_ratio(1.1)) == 11
 
 
 @given(

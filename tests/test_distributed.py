@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from functools import partial
 
+import conftest
 import pytest
 import torch
 import torch.distributed as dist
@@ -220,11 +222,7 @@ def ranks(request, tmp_path_factory):
 # ----------------------------------------------------------------------------- the reference side
 
 
-def rel_err(a, b, floor: float = 1e-2) -> float:
-    """Normwise ||a - b|| / max(||b||, floor) (floor: an exactly-zero gradient compares absolutely)."""
-    assert a.shape == b.shape, (a.shape, b.shape)
-    a, b = a.detach().double(), b.detach().double()
-    return (a - b).norm().item() / max(b.norm().item(), floor)
+rel_err = partial(conftest.rel_err, floor=1e-2)  # floor: see conftest.rel_err
 
 
 def reference(name: str, case: Case, world: int):

@@ -6,20 +6,13 @@ import math
 
 import pytest
 import torch
+from conftest import rel_err
 from torch import nn
 
 from moe_kit import Expert, GroupedExperts, SharedExpert
 from moe_kit.ops import moe_ffn
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    a, b = a.detach().double(), b.detach().double()
-    ref = b.norm().item()
-    diff = (a - b).norm().item()
-    return diff / ref if ref > 0 else diff
 
 
 def ref_swiglu_mlp(x, w_gate, w_up, w_down, limit=None):

@@ -1,6 +1,8 @@
 """TopKGate / HashGate / hash_table against plain-torch references written here.
 
-Every reference follows DESIGN.md "Gate semantics" step by step and never calls moe_kit internals.
+Every reference spells out the gate semantics step by step (logits in fp32, scores, selection-only
+expert bias, group limit, top-k, unbiased weights, normalization, route scale) and
+never calls moe_kit internals.
 """
 
 from __future__ import annotations
@@ -245,7 +247,7 @@ def test_bf16_input_and_weight_route_in_fp32(score_func, expert_bias):
 
 
 def test_bias_stays_fp32_after_module_to_bf16():
-    """DESIGN: `gate.expert_bias` is an fp32 buffer. `model.to(torch.bfloat16)` is the usual way to run a model in
+    """Contract: `gate.expert_bias` is an fp32 buffer. `model.to(torch.bfloat16)` is the usual way to run a model in
     bf16; a bf16 bias cannot take the 1e-3 update steps (bf16 spacing near 0.5 is 2**-8)."""
     cfg = make_cfg(num_experts=4, top_k=1, score_func="sigmoid", expert_bias=True, bias_update_rate=1e-3)
     gate = make_topk_gate(cfg, 0).to(torch.bfloat16)
@@ -309,7 +311,7 @@ def test_sqrtsoftplus_huge_negative_logits_finite(mixed, norm, aux):
 
 def test_sqrtsoftplus_huge_negative_normalized_weights_sum_to_route_scale():
     """All logits about -1e4: every score is the same clamped floor, so the normalized top-k weights are
-    exactly 1/k each (DESIGN step 6: weights /= weights.sum(-1)), whatever floor eps is used."""
+    exactly 1/k each (normalization: weights /= weights.sum(-1)), whatever floor eps is used."""
     x, w = _huge_negative_setup(mixed=False)
     cfg = make_cfg(hidden_size=4, num_experts=8, top_k=2, score_func="sqrtsoftplus", route_scale=1.5)
     gate = TopKGate(cfg)

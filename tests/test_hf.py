@@ -13,8 +13,10 @@ import functools
 import importlib.util
 import pickle
 import warnings
+from functools import partial
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
 from torch import nn
@@ -24,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 import moe_kit  # noqa: E402
 from moe_kit import HashGate, MoELayer, TopKGate  # noqa: E402
 from moe_kit.integrations import hf  # noqa: E402
-from moe_kit.integrations.hf.convert import _convert, layer_applies_activation  # noqa: E402
+from moe_kit.integrations.hf.convert import _convert  # noqa: E402
 
 TOL = 1e-3  # normwise relative error, fp32
 VOCAB, SEQ = 96, 10
@@ -32,11 +34,7 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attenti
               max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-6) -> float:
-    """Normwise relative error ||a - b|| / max(||b||, floor)."""
-    assert a.shape == b.shape, (a.shape, b.shape)
-    a, b = a.detach().double(), b.detach().double()
-    return (a - b).norm().item() / max(b.norm().item(), floor)
+rel_err = partial(conftest.rel_err, floor=1e-6)  # floor: see conftest.rel_err
 
 
 # ----------------------------------------------------------------------------- tiny models
@@ -594,19 +592,16 @@ def test_layout_flags_are_refused(flags, match):
         hf.experts_swiglu_limit(experts)
 
 
-def test_gelu_experts_run_in_the_bridge_and_convert_says_what_it_needs():
+def test_gelu_experts_run_in_the_bridge_and_in_convert():
     eager_gelu = logits_and_grads(build("qwen3_moe", hidden_act="gelu"), ids_for())
     model = build("qwen3_moe", hidden_act="gelu")
     hf.register(model)
     assert model.model.layers[0].mlp.experts._moe_kit_activation == "gelu"
     assert_same_function(logits_and_grads(model, ids_for()), eager_gelu)
     model = build("qwen3_moe", hidden_act="gelu")
-    if layer_applies_activation("gelu"):
-        hf.convert(model)
-        assert_same_function(logits_and_grads(model, ids_for(), converted=True), eager_gelu)
-    else:  # MoELayer does not pass cfg.activation to its experts yet
-        with pytest.raises(ValueError, match="does not apply MoEConfig.activation='gelu'"):
-            hf.convert(model)
+    hf.convert(model)
+    assert model.model.layers[0].mlp.cfg.activation == "gelu"
+    assert_same_function(logits_and_grads(model, ids_for(), converted=True), eager_gelu)
 
 
 def test_activation_and_gate_mismatches_are_refused():

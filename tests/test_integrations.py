@@ -8,7 +8,9 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from functools import partial
 
+import conftest
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,11 +33,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-6) -> float:
-    """Normwise relative error ||a - b|| / max(||b||, floor)."""
-    assert a.shape == b.shape, (a.shape, b.shape)
-    a, b = a.detach().double(), b.detach().double()
-    return (a - b).norm().item() / max(b.norm().item(), floor)
+rel_err = partial(conftest.rel_err, floor=1e-6)  # floor: see conftest.rel_err
 
 
 class SwiGLU(nn.Module):

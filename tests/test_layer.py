@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import copy
 import math
+from functools import partial
 from unittest import mock
 
+import conftest
 import pytest
 import torch
 from hypothesis import given, settings
@@ -24,15 +26,7 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 # ----------------------------------------------------------------------------- helpers / references
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-2) -> float:
-    """Normwise relative error ||a - b|| / max(||b||, floor).
-
-    The floor makes a mathematically zero gradient (e.g. the router gradient when k = 1 and the
-    weights are renormalized to 1) compare by absolute error instead of relative rounding noise.
-    """
-    assert a.shape == b.shape, (a.shape, b.shape)
-    a, b = a.detach().double(), b.detach().double()
-    return (a - b).norm().item() / max(b.norm().item(), floor)
+rel_err = partial(conftest.rel_err, floor=1e-2)  # floor: see conftest.rel_err
 
 
 def ref_scores(logits, score_func):
@@ -47,7 +41,7 @@ def ref_scores(logits, score_func):
 
 
 def ref_route(layer, x_flat, input_ids=None, batch_shape=None):
-    """Router reference (DESIGN "Gate semantics"): returns weights [N, k], indices [N, k], loss term."""
+    """Router reference (the gate semantics, step by step): returns weights [N, k], indices [N, k], loss term."""
     cfg = layer.cfg
     rd = cfg.router_dtype
     logits = x_flat.to(rd) @ layer.gate.weight.to(rd).T  # [N, E]
@@ -352,7 +346,7 @@ def test_fp32_layer_other_input_dtype(dtype, shared):
 
 
 def test_expert_bias_stays_fp32_in_bf16_model():
-    """DESIGN: gate.expert_bias is an fp32 buffer; a bf16 model must not round the bias to bf16
+    """Contract: gate.expert_bias is an fp32 buffer; a bf16 model must not round the bias to bf16
     (1e-3 updates vanish next to a bias of ~1 in bf16)."""
     cfg = MoEConfig(hidden_size=D, intermediate_size=INTER, num_experts=4, top_k=2, expert_bias=True)
     layer = MoELayer(cfg).to(torch.bfloat16)

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from conftest import rel_err
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,15 +25,6 @@ BACKENDS = ["torch", "loop"]
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
-    """Normwise relative error ||a - b|| / max(||b||, floor) (absolute when b is all zeros)."""
-    assert a.shape == b.shape, (a.shape, b.shape)
-    a, b = a.detach().double(), b.detach().double()
-    diff = (a - b).norm().item()
-    ref = max(b.norm().item(), floor)
-    return diff / ref if ref > 0 else diff
 
 
 def assert_close(a, b, tol, what="", floor=1.0):
@@ -749,7 +741,7 @@ def biased_value_and_grads(fn, tensors, cot):
 def test_swiglu_oai_matches_gpt_oss_and_its_hand_written_backward():
     """gated_act / gated_act_parts / gated_act_backward for "swiglu_oai" against transformers' formula
     and autograd, with values exactly on the clamp bounds (torch.clamp passes the gradient there)."""
-    from moe_kit.activations import gated_act, gated_act_backward, gated_act_parts, swiglu
+    from moe_kit.activations import gated_act, gated_act_backward, gated_act_parts, gated_activation
 
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(9, 2 * 6, generator=gen, dtype=F64) * 3
@@ -761,14 +753,31 @@ def test_swiglu_oai_matches_gpt_oss_and_its_hand_written_backward():
         want = ref_gpt_oss_gate(leaf[:, :6], leaf[:, 6:], limit)
         grad_act = torch.randn(want.shape, generator=gen, dtype=F64)
         (want_grad,) = torch.autograd.grad(want, leaf, grad_act)
-        assert_close(swiglu(h, limit, "swiglu_oai"), want, 1e-15, "swiglu")
+        assert_close(gated_activation(h, limit, "swiglu_oai"), want, 1e-15, "swiglu")
         assert_close(gated_act(h, "swiglu_oai", limit), want, 1e-15, "gated_act")
         out, activated = gated_act_parts(h, "swiglu_oai", limit)
         assert_close(out, want, 1e-15, "gated_act_parts")
         for known in (None, activated):
             got = gated_act_backward(grad_act, h, "swiglu_oai", limit, known)
             assert_close(got, want_grad, 1e-14, f"backward (activated given: {known is not None})")
-    assert not torch.equal(swiglu(h, None, "swiglu_oai"), swiglu(h, None, "silu")), "the offset and slope matter"
+    oai, silu = gated_activation(h, None, "swiglu_oai"), gated_activation(h, None, "silu")
+    assert not torch.equal(oai, silu), "the offset and slope matter"
+
+
+def test_gated_activation_is_named_for_what_it_computes_and_its_names_are_defined_once():
+    """gated_activation(h, activation="gelu") is GeGLU (no function calls it swiglu any more), and
+    the activation and backend names live in moe_kit.config only (the others import them)."""
+    import moe_kit.activations as activations
+    import moe_kit.config as config
+    import moe_kit.ops as ops
+
+    h = torch.randn(5, 2 * 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    gate, up = h.chunk(2, dim=-1)
+    for name in ("gelu", "silu"):
+        assert_close(activations.gated_activation(h, None, name), REF_ACT[name](gate) * up, 1e-14, name)
+    assert not hasattr(activations, "swiglu") and not hasattr(ops, "swiglu")
+    assert activations.ACTIVATIONS is config.ACTIVATIONS
+    assert ops.BACKENDS is config.BACKENDS
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -13,7 +13,9 @@ import math
 import os
 import sys
 from fractions import Fraction
+from functools import partial
 
+import conftest
 import pytest
 import torch
 import torch.distributed as dist
@@ -33,11 +35,7 @@ HYP = settings(max_examples=25, deadline=None)
 TOL64 = 1e-10
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-2) -> float:
-    """Normwise ||a - b|| / max(||b||, floor) (floor: an exactly-zero gradient compares absolutely)."""
-    assert a.shape == b.shape, (a.shape, b.shape)
-    a, b = a.detach().double(), b.detach().double()
-    return (a - b).norm().item() / max(b.norm().item(), floor)
+rel_err = partial(conftest.rel_err, floor=1e-2)  # floor: see conftest.rel_err
 
 
 def make_layer(seed: int = 0, dtype=torch.float64, **cfg) -> MoELayer:

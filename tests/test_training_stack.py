@@ -21,7 +21,9 @@ import json
 import math
 import traceback
 import zlib
+from functools import partial
 
+import conftest
 import pytest
 import torch
 import torch.distributed as dist
@@ -52,12 +54,7 @@ TRAIN_CFG = dict(
     n_hash_layers=1, vocab_size=VOCAB, num_shared_experts=1,
 )
 
-
-def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-3) -> float:
-    """Normwise ||a - b|| / max(||b||, floor) in float64."""
-    assert a.shape == b.shape, (a.shape, b.shape)
-    a, b = a.detach().double(), b.detach().double()
-    return (a - b).norm().item() / max(b.norm().item(), floor)
+rel_err = partial(conftest.rel_err, floor=1e-3)  # floor: see conftest.rel_err
 
 
 class Net(nn.Module):

@@ -26,6 +26,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import rel_err
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -92,14 +93,6 @@ def test_module_in_fresh_process():
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Normwise relative error ||a - b|| / ||b|| (absolute when b is all zeros)."""
-    assert a.shape == b.shape, (a.shape, b.shape)
-    a, b = a.detach().double(), b.detach().double()
-    ref = b.norm().item()
-    return (a - b).norm().item() / ref if ref > 0 else (a - b).norm().item()
 
 
 def make_indices(gen, n, e, k, mode):

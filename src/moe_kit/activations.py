@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
+from moe_kit.config import ACTIVATIONS
+
 OAI_ALPHA = 1.702  # gpt-oss's swiglu_alpha: the sigmoid's slope in quick_gelu
 UP_OFFSET = {"swiglu_oai": 1.0}  # added to the (clamped) up half; 0 for the others
 
@@ -54,21 +55,21 @@ def _operands(gate: torch.Tensor, up: torch.Tensor, limit: float | None, activat
     return gate, up
 
 
-def swiglu_parts(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None,
+def gated_activation_halves(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None,
                  activation: str = "silu") -> torch.Tensor:
     """act(gate) * (up + offset) (silu: SwiGLU), clamped first with `limit`; differentiable by torch autograd."""
     gate, up = _operands(gate, up, limit, activation)
     return act_fn(gate, activation) * up
 
 
-def swiglu(h: torch.Tensor, limit: float | None = None, activation: str = "silu") -> torch.Tensor:
+def gated_activation(h: torch.Tensor, limit: float | None = None, activation: str = "silu") -> torch.Tensor:
     """[..., 2I] (gate half, then up half, the HF gate_up_proj layout) -> [..., I]."""
     gate, up = h.chunk(2, dim=-1)
-    return swiglu_parts(gate, up, limit, activation)
+    return gated_activation_halves(gate, up, limit, activation)
 
 
 def gated_act(h: torch.Tensor, activation: str = "silu", limit: float | None = None) -> torch.Tensor:
-    """swiglu(h) for fused backends: one new [R, I] tensor, no autograd graph needed."""
+    """gated_activation(h) for fused backends: one new [R, I] tensor, no autograd graph needed."""
     gate, up = _operands(*h.chunk(2, dim=-1), limit, activation)
     return act_fn(gate, activation).mul_(up)
 

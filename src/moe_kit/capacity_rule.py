@@ -1,7 +1,10 @@
 """Exact capacity arithmetic shared by the expert-choice gate and the token-choice drop (ops.capacity).
 
-capacity_factor is taken as the decimal it was written as (1.1 is 11/10), so
-ceil(1.1 * 100 / 10) is 11, where float arithmetic gives ceil(11.000000000000002) = 12.
+capacity_factor is taken as the decimal it was written as (1.1 is 11/10), so C is the exact
+ceiling. Megatron-Core's get_capacity computes math.ceil((N*k / E) * cf) in floats, which rounds
+up past an exact integer in cases such as cf=1.1 with 400 slots on 8 experts (50.0 * 1.1 =
+55.00000000000001: Megatron 56, moe_kit 55), cf=0.9 with 100 slots on 6 experts (16 against 15)
+and cf=1.3 with 70 slots on 13 experts (8 against 7); 1.1 * 100 / 10 is 11 in both.
 """
 
 from __future__ import annotations

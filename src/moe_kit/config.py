@@ -31,7 +31,7 @@ AUX_LOSS_TYPES = ("global", "sequence", "global_batch")
 LOSS_MODES = ("attach", "return")
 DROP_POLICIES = ("probs", "position")
 ROUTINGS = ("token_choice", "expert_choice", "sinkhorn")
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")  # moe_kit.activations
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")  # computed in moe_kit.activations
 ROUTER_DTYPES = (torch.float32, torch.float64)
 
 # Checks that concern one routing scheme live with that scheme (moe_kit.gates.<scheme>), which

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_kit.activations import check_activation, swiglu_parts
+from moe_kit.activations import check_activation, gated_activation_halves
 from moe_kit.ops import check_backend, dispatch
 
 
@@ -40,7 +40,7 @@ class Expert(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = _linear(x, self.gate_proj), _linear(x, self.up_proj)
-        return _linear(swiglu_parts(gate, up, self.swiglu_limit, self.activation), self.down_proj)
+        return _linear(gated_activation_halves(gate, up, self.swiglu_limit, self.activation), self.down_proj)
 
 
 class SharedExpert(Expert):

@@ -82,7 +82,6 @@ class Router(nn.Module):
             raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
         self.cfg = cfg.frozen_copy()  # later edits of the caller's config cannot change this gate
         self._aux_pairs = self.cfg.aux_losses  # ((aux_loss_type, coef), ...) with coef > 0
-        self._has_losses = bool(self._aux_pairs) or self.cfg.z_loss_coef > 0
         self._sequence_aux = any(kind == "sequence" for kind, _ in self._aux_pairs)  # needs [B, S, D] input
         self.num_experts = cfg.num_experts
         self.top_k = cfg.top_k

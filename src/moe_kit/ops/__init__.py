@@ -10,14 +10,16 @@ import os
 
 import torch
 
-from moe_kit.activations import ACTIVATIONS, check_activation, swiglu
+from moe_kit.activations import ACTIVATIONS, check_activation, gated_activation
+from moe_kit.config import BACKENDS
 from moe_kit.ops.loop import moe_ffn_loop
 from moe_kit.ops.routing import RoutingPlan, routing_plan
 from moe_kit.ops.torch_ops import inference_ffn, moe_ffn_torch, use_grouped_mm
 
-__all__ = ["moe_ffn", "resolve_backend", "check_backend", "routing_plan", "RoutingPlan", "swiglu", "ACTIVATIONS"]
+__all__ = [
+    "moe_ffn", "resolve_backend", "check_backend", "routing_plan", "RoutingPlan", "gated_activation", "ACTIVATIONS",
+]
 
-_BACKENDS = ("auto", "triton", "torch", "loop")
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None
 # "auto" picks the Triton kernels on CUDA only once benchmarks/gpu_suite.py has passed on a real
 # GPU (correct in every row and faster than the torch backend at both benchmark shapes). Until
@@ -37,8 +39,8 @@ def _triton_interpreting() -> bool:
 def check_backend(backend: str, activation: str = "silu", bias: bool = False) -> None:
     """Fail early, before any tensor exists: unknown name, or "triton" on a machine that cannot run
     it or for experts its kernels lack (another activation than silu, expert biases)."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {list(_BACKENDS)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")
     if backend == "triton":
         _check_triton_features(activation, bias)
         if not triton_importable():
@@ -62,8 +64,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """Map "auto" to the best backend for `device` ("torch"; "triton" on CUDA only once the GPU
     suite has passed, see TRITON_GPU_SUITE_PASSED); reject unknown names and "triton" where it
     cannot run (no triton, or a non-CUDA device outside the Triton interpreter)."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {list(_BACKENDS)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")
     if backend == "triton":
         if not triton_importable():
             raise ValueError("backend 'triton' needs the triton package (pip install 'moe-kit[triton]')")

@@ -4,7 +4,7 @@ Legend: N tokens, k slots per token, S = N*k slots, E experts, W ranks of an exp
 B sequences of T positions. Dropped slots are marked with id E.
 
 This file is the one implementation of capacity, drop order and padding: the local dispatcher
-(moe_kit.ops.dispatcher) and the all-to-all dispatcher (moe_kit.ep.dispatcher) both call
+(moe_kit.ops.dispatcher) and the all-to-all dispatcher (moe_kit.ep.dispatch) both call
 `CapacityRule`, so the same config drops the same slots with and without expert parallelism.
 
 Which slots an expert keeps (`drop_policy`), as a priority per slot (higher stays; ties: the earlier
@@ -15,7 +15,9 @@ slot of the batch, the ranks' batches concatenated in rank order):
               (t, then rank, then b), as Megatron's [T, B] tokens: the last positions of every
               sequence drop first; flat [N, D] input keeps (rank, n) order.
 C is computed exactly (moe_kit.capacity_rule: capacity_factor is the decimal it was written as) from
-the real (unmasked) slots of the whole group. `pad_to_capacity` runs every expert on exactly C rows.
+the real (unmasked) slots of the whole group. Megatron's float formula math.ceil((N*k / E) * cf) can
+exceed it by one: cf=1.1, 400 slots, 8 experts gives 56 there and 55 here (capacity_rule lists more
+cases). `pad_to_capacity` runs every expert on exactly C rows.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_kit.activations import swiglu
+from moe_kit.activations import gated_activation
 
 
 def moe_ffn_loop(
@@ -40,7 +40,7 @@ def moe_ffn_loop(
         h = x[token] @ gate_up_proj[expert].t()  # [n_e, 2I]
         if gate_up_proj_bias is not None:
             h = h + gate_up_proj_bias[expert]
-        y = swiglu(h, swiglu_limit, activation) @ down_proj[expert].t()  # [n_e, D]
+        y = gated_activation(h, swiglu_limit, activation) @ down_proj[expert].t()  # [n_e, D]
         if down_proj_bias is not None:
             y = y + down_proj_bias[expert]
         out = out.index_add(0, token, (y * weights[token, slot].unsqueeze(1).to(y.dtype)).to(out.dtype))

@@ -37,7 +37,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from moe_kit.activations import gated_act, gated_act_backward, gated_act_parts, swiglu
+from moe_kit.activations import gated_act, gated_act_backward, gated_act_parts, gated_activation
 from moe_kit.ops.routing import RoutingPlan, routing_plan
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -386,7 +386,7 @@ def small_ffn(x, weights, indices, gate_up, down, activation="silu", limit=None,
     h = torch.bmm(gate_up.index_select(0, flat), x_rows).squeeze(2)  # [S, 2I]
     if gate_up_bias is not None:
         h = h + gate_up_bias.index_select(0, flat)
-    act = swiglu(h, limit, activation)  # [S, I], plain autograd
+    act = gated_activation(h, limit, activation)  # [S, I], plain autograd
     scale = weights.reshape(-1, 1).to(x.dtype)
     if kept is not None:
         scale = scale * kept.unsqueeze(1)

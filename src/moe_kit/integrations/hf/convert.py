@@ -22,7 +22,6 @@ is in the old layout: build it after convert for these families.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import re
 import warnings
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_kit.activations import UP_OFFSET, swiglu_parts
+from moe_kit.activations import UP_OFFSET
 from moe_kit.config import MoEConfig
 from moe_kit.integrations.hf.capture import RECORDER, check_recordable, recorder_for, rehook
 from moe_kit.integrations.hf.converted import ConvertedMoELayer
@@ -48,7 +47,6 @@ from moe_kit.integrations.hf.specs import (
 )
 from moe_kit.integrations.upcycle import activation_of
 from moe_kit.layer import MoELayer
-from moe_kit.ops import moe_ffn
 
 # MoEConfig fields convert(**overrides) may set: they change training, not the converted function
 # (capacity_factor excepted: dropping tokens changes outputs by design).
@@ -162,11 +160,6 @@ def _to_moe_layer(block: nn.Module, spec: BlockSpec, layer_idx: int | None, over
     hold transformers' layout here (HFKeyNames.relayout, once every block has converted)."""
     layout = experts_layout(block.experts)
     activation, limit = layout.activation, layout.limit
-    if not layer_applies_activation(activation):
-        raise ValueError(
-            f"its experts use {activation}(gate) * up, and this moe_kit's MoELayer does not apply "
-            f"MoEConfig.activation={activation!r} yet (the experts implementation, register(), runs it)"
-        )
     num_experts, inter, hidden = experts_dims(block.experts)
     check_block(block, spec)
     routing = spec.routing(block) if spec.routing is not None else None
@@ -425,29 +418,6 @@ def _layer_idx(model: nn.Module, name: str) -> int | None:
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     model.get_submodule(parent_name)._modules[child] = module
-
-
-@functools.cache
-def layer_applies_activation(activation: str) -> bool:
-    """True when MoELayer(MoEConfig(activation=...)) computes act(gate) * up in its routed and
-    shared experts (checked once on a tiny CPU layer against moe_kit's loop reference)."""
-    if activation == "silu":
-        return True
-    try:
-        cfg = MoEConfig(hidden_size=8, intermediate_size=4, num_experts=2, top_k=1, num_shared_experts=1,
-                        activation=activation, backend="torch")
-    except (TypeError, ValueError):
-        return False
-    with torch.device("cpu"), torch.no_grad():
-        torch.manual_seed(0)
-        layer = MoELayer(cfg).eval()
-        x = torch.randn(6, 8) * 3
-        weights, indices = layer.gate(x)
-        shared = layer.shared_experts
-        expected = moe_ffn(x, weights, indices, layer.experts.gate_up_proj, layer.experts.down_proj, "loop",
-                           activation=activation)
-        expected = expected + shared.down_proj(swiglu_parts(shared.gate_proj(x), shared.up_proj(x), None, activation))
-        return bool(torch.allclose(layer(x), expected, atol=1e-5))
 
 
 def family(module: nn.Module) -> str:

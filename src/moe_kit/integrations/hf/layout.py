@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe_kit.activations import ACTIVATIONS, UP_OFFSET, swiglu
+from moe_kit.activations import ACTIVATIONS, UP_OFFSET, gated_activation
 from moe_kit.integrations.upcycle import activation_of
 
 # flag -> (value moe_kit needs, what a different value means); the other flags are layouts it adapts
@@ -195,7 +195,7 @@ def _gated_act(experts: nn.Module, width: int, interleaved: bool) -> tuple[str, 
             raise ValueError(f"moe_kit cannot run {name}: its _apply_gate failed on a probe ({error})") from error
     for activation in candidates:
         for candidate in dict.fromkeys((limit, None)):
-            expected = swiglu(probe, candidate, activation)
+            expected = gated_activation(probe, candidate, activation)
             if out.shape == expected.shape and torch.allclose(out, expected, rtol=1e-5, atol=1e-5 * scale):
                 return activation, candidate
     columns = "interleaved (gate0, up0, gate1, ...) columns" if interleaved else "[gate | up] halves"

@@ -20,20 +20,20 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_kit.activations import swiglu
+from moe_kit.activations import gated_activation
 from moe_kit.ops.triton.compat import wrap_triton
 from moe_kit.ops.triton.configs import dot_precision, rows_bucket, weight_grad_configs
 
 
 def _reference(a, b, offsets, a_index=None, b_index=None, scale=None, b_gated=False, limit=None):
-    """a [*, M], b [*, P] (b_gated: h [*, 2P], b = swiglu(h)), offsets int64 [E + 1], a/b_index int64 [S]
+    """a [*, M], b [*, P] (b_gated: h [*, 2P], b = gated_activation(h)), offsets int64 [E + 1], a/b_index int64 [S]
     or None, scale [S] -> [E, M, P]."""
     a_rows = a if a_index is None else a[a_index]
     if scale is not None:
         a_rows = a_rows * scale.unsqueeze(1).to(a.dtype)
     b_rows = b if b_index is None else b[b_index]
     if b_gated:
-        b_rows = swiglu(b_rows, limit)
+        b_rows = gated_activation(b_rows, limit)
     bounds = offsets.tolist()
     return torch.stack([a_rows[lo:hi].t() @ b_rows[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)])
 
@@ -109,7 +109,7 @@ def expert_weight_grad(
 ) -> torch.Tensor:
     """a [*, M], b [*, P] (same dtype), offsets int64 [E + 1]; a_index / b_index int64 [S] gather rows
     (None: row r itself); scale [*] read at scale_index[r] multiplies a's row -> [E, M, P] in out_dtype.
-    b_gated: b is h [*, 2P] and the kernel uses swiglu(h, limit) [*, P] in its place.
+    b_gated: b is h [*, 2P] and the kernel uses gated_activation(h, limit) [*, P] in its place.
     """
     num_experts = offsets.numel() - 1
     width_m, width_p = a.shape[1], b.shape[1] // 2 if b_gated else b.shape[1]
