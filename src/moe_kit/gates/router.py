@@ -70,7 +70,9 @@ class Router(nn.Module):
     Losses (cfg.aux_loss_coef / z_loss_coef > 0) are computed in the router dtype; their detached
     values, coefficient applied, are `aux_loss` / `z_loss`. With cfg.loss_mode "attach" they reach
     the backward through the routing weights (times `loss_scale`); with "return" the differentiable
-    total is kept in `balancing_term` for moe_kit.balancing_loss(model).
+    total is kept in `balancing_term` for moe_kit.balancing_loss(model). The losses train only in
+    training mode (Megatron, transformers): an eval-mode forward, grad enabled or not, attaches
+    nothing and leaves `balancing_term` None, but still sets `aux_loss` / `z_loss` for the stats.
     """
 
     marks_unrouted = False  # True for gates whose indices may hold E ("no expert"), e.g. expert choice
@@ -94,6 +96,7 @@ class Router(nn.Module):
         self.aux_loss: torch.Tensor | None = None  # coef * Switch aux loss of the last forward (detached)
         self.z_loss: torch.Tensor | None = None  # coef * z-loss of the last forward (detached)
         self.balancing_term: torch.Tensor | None = None  # loss_mode "return": differentiable total
+        self.last_forward_training = True  # whether the last forward ran in training mode (balancing_loss)
         # aux_loss_type "global_batch": float64 [E + 1] routed slots per expert (+ total) this step, or None
         self.global_batch_counts: torch.Tensor | None = None
         self.process_group = None  # set by MoELayer(ep_group=...): losses use the group's statistics
@@ -176,11 +179,14 @@ class Router(nn.Module):
 
     def _with_losses(self, weights, scores, logits, batch_shape, mask=None, aux_indices=None) -> torch.Tensor:
         """Compute the balancing losses and, in loss_mode "attach", attach them to `weights` [N, k]
-        (returned unchanged in value); in "return" keep their sum in `balancing_term`."""
+        (returned unchanged in value); in "return" keep their sum in `balancing_term`. In eval mode
+        only their values are set (aux_loss / z_loss): nothing is attached or kept."""
         total = self._balancing_losses(scores, logits, batch_shape, mask, aux_indices)
         if self.balancing_term is not None:  # (nn.Module.__setattr__ costs microseconds: skip it when unchanged)
             self.balancing_term = None
-        if total is None or not torch.is_grad_enabled():
+        if self.last_forward_training != self.training:
+            self.last_forward_training = self.training
+        if total is None or not self.training or not torch.is_grad_enabled():
             return weights
         if self.cfg.loss_mode == "return":
             self.balancing_term = total
