@@ -225,7 +225,9 @@ class Router(nn.Module):
                 share = self._global_batch_share(aux_indices, mask)
                 aux = coef * global_batch_aux_loss(scores, share, mask)
             else:
-                aux = coef * switch_aux_loss(scores, aux_indices, self.num_experts, kind, batch_shape, mask)
+                aux = coef * switch_aux_loss(
+                    scores, aux_indices, self.num_experts, kind, batch_shape, mask, cfg.sequence_aux_norm
+                )
             total = aux if total is None else total + aux
         if total is not None:
             self.aux_loss = total.detach()
