@@ -582,6 +582,57 @@ def test_global_batch_aux_counts_are_not_added_by_eval_or_checkpoint_recompute()
     assert torch.equal(gate.global_batch_counts, after_forward)
 
 
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_global_batch_aux_under_checkpoint_matches_the_plain_run(use_reentrant):
+    """Micro-batches checkpointed, one backward of their summed losses (pipeline schedules): each
+    recompute takes the f of its own forward, not the counts of every micro-batch so far, so the
+    router gradient equals the run without checkpointing. Micro-batches 0 and 2 are the same
+    tokens (equal counts, and equal fingerprints), 1 the same tokens in another order; then a
+    second step after update_expert_bias."""
+    cfg = make_cfg(num_experts=6, top_k=2, aux_loss_type="global_batch", aux_loss_coef=1.0)
+    gen = torch.Generator().manual_seed(8)
+    first = torch.randn(9, cfg.hidden_size, generator=gen)
+    micro = [first, first[torch.randperm(9, generator=gen)], first, torch.randn(9, cfg.hidden_size, generator=gen)]
+    cots = [torch.randn(9, 2, generator=gen) for _ in micro]
+    grads = []
+    for checkpointed in (False, True):
+        gate = make_gate(cfg, 7).train()
+        step_grads = []
+        for step in range(2):
+            gate.weight.grad = None
+            total = 0.0
+            for m, (x, cot) in enumerate(zip(micro, cots, strict=True)):
+                x = (x * (1 + step)).requires_grad_(True)  # reentrant needs an input that requires grad
+                if checkpointed:
+                    w = torch.utils.checkpoint.checkpoint(lambda t: gate(t)[0], x, use_reentrant=use_reentrant)
+                else:
+                    w = gate(x)[0]
+                total = total + (m + 1) * (w * cot).sum()
+            total.backward()
+            step_grads.append(gate.weight.grad.clone())
+            moe_kit.update_expert_bias(gate)
+        grads.append(step_grads)
+    for plain, checkpointed in zip(*grads, strict=True):
+        assert ((checkpointed - plain).norm() / plain.norm()).item() <= 1e-6
+
+
+def test_global_batch_aux_under_checkpoint_of_a_compiled_gate():
+    """checkpoint(torch.compile(gate, fullgraph=True)) over two micro-batches, one backward: the
+    custom op finds each recompute's f at run time, so the gradient equals the eager plain run."""
+    torch._dynamo.reset()
+    cfg = make_cfg(num_experts=6, top_k=2, aux_loss_type="global_batch", aux_loss_coef=1.0)
+    gen = torch.Generator().manual_seed(9)
+    micro = [torch.randn(9, cfg.hidden_size, generator=gen) for _ in range(2)]
+    eager, gate = make_gate(cfg, 7).train(), make_gate(cfg, 7).train()
+    compiled = torch.compile(gate, fullgraph=True, backend="aot_eager")
+    sum(2.0 ** m * eager(x)[0].sum() for m, x in enumerate(micro)).backward()
+    outs = [torch.utils.checkpoint.checkpoint(lambda t: compiled(t)[0], x.requires_grad_(True), use_reentrant=False)
+            for x in micro]
+    sum(2.0 ** m * w.sum() for m, w in enumerate(outs)).backward()
+    assert torch.equal(gate.global_batch_counts, eager.global_batch_counts)
+    assert ((gate.weight.grad - eager.weight.grad).norm() / eager.weight.grad.norm()).item() <= 1e-6
+
+
 @pytest.mark.parametrize("eps", [0.01, 0.3])
 def test_router_jitter_multiplies_the_router_input_in_training_only(eps):
     """Switch / Megatron jitter: router input x * U(1 - eps, 1 + eps), fresh noise per forward, no

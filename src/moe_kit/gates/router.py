@@ -7,6 +7,7 @@ torch.autocast (autocast would run the router linear in bf16 and change which ex
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -99,6 +100,7 @@ class Router(nn.Module):
         self.last_forward_training = True  # whether the last forward ran in training mode (balancing_loss)
         # aux_loss_type "global_batch": float64 [E + 1] routed slots per expert (+ total) this step, or None
         self.global_batch_counts: torch.Tensor | None = None
+        self._share_log_id = next(_SHARE_LOG_IDS)  # its forwards' kept f (global_batch_share); an int: compiles
         self.process_group = None  # set by MoELayer(ep_group=...): losses use the group's statistics
         self.track_entropy = False  # set by moe_kit.stats.RoutingMonitor
         self.entropy: torch.Tensor | None = None  # detached mean router entropy of the last forward, if tracked
@@ -222,7 +224,7 @@ class Router(nn.Module):
         total = None
         for kind, coef in pairs:
             if kind == "global_batch":
-                share = self._global_batch_share(aux_indices, mask)
+                share = self._global_batch_share(aux_indices, mask, scores)
                 aux = coef * global_batch_aux_loss(scores, share, mask)
             else:
                 aux = coef * switch_aux_loss(
@@ -238,16 +240,20 @@ class Router(nn.Module):
         return total
 
     @torch.no_grad()
-    def _global_batch_share(self, aux_indices: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _global_batch_share(self, aux_indices: torch.Tensor, mask: torch.Tensor | None,
+                            scores: torch.Tensor) -> torch.Tensor:
         """f [E] of aux_loss_type "global_batch" (Megatron's global_aux_loss): the share of routed
         slots per expert over every micro-batch of this optimizer step and every rank.
 
-        A training forward all-reduces its counts over the default process group (when
-        torch.distributed is initialized) and adds them to `global_batch_counts`; update_expert_bias
-        (after optimizer.step()) starts the next step. Eval forwards and activation-checkpoint
-        recomputes read the counts without adding (a recompute must see the f of its forward); the
-        check runs inside the custom op add_global_batch_counts, so a compiled forward that a
-        checkpoint replays does not add twice either. No host sync.
+        aux_indices [N, k] (the counted experts), mask bool [N] or None, scores [N, E] (this
+        forward's router scores, for its fingerprint). A training forward all-reduces its counts
+        over the default process group (when torch.distributed is initialized), adds them to
+        `global_batch_counts` and keeps the f it used; update_expert_bias (after optimizer.step())
+        starts the next step. Eval forwards read the counts without adding. An activation-checkpoint
+        recompute neither adds nor reads the running counts (they hold the micro-batches after its
+        forward too): it takes the f its forward kept (see global_batch_share). All of it runs
+        inside a custom op, so a compiled forward that a checkpoint replays behaves the same. No
+        host sync.
         """
         real = slot_weights(aux_indices, mask, torch.float64)
         counts = torch.zeros(self.num_experts + 1, dtype=torch.float64, device=aux_indices.device)
@@ -257,16 +263,16 @@ class Router(nn.Module):
         if self.training:
             if state is None or state.device != counts.device:
                 state = self.global_batch_counts = torch.zeros_like(counts)
-            add_global_batch_counts(state, counts)  # not inside a recompute or under inference_mode
+            return global_batch_share(state, counts, forward_fingerprint(counts, scores), self._share_log_id)
         if state is None:  # eval before any training forward: this batch's own counts
             return counts[:-1] / counts[-1].clamp_min(1)
-        state = state.to(counts.device)
-        counted = torch.where(state[-1] > 0, state, counts)  # nothing counted this step yet: this batch's
-        return counted[:-1] / counted[-1].clamp_min(1)
+        return _share_of(state.to(counts.device), counts)
 
     def reset_global_batch(self) -> None:
-        """Start a new optimizer step for aux_loss_type "global_batch" (called by update_expert_bias)."""
+        """Start a new optimizer step for aux_loss_type "global_batch" (called by update_expert_bias):
+        drops the counts and the f each forward of the step kept for its recompute."""
         self.global_batch_counts = None
+        _SHARE_LOGS.pop(self._share_log_id, None)
 
     def _check_sequence_shape(self, x: torch.Tensor) -> tuple[int, ...]:
         if self._sequence_aux and x.dim() != 3:
@@ -276,20 +282,77 @@ class Router(nn.Module):
         return tuple(x.shape[:-1])
 
 
-@torch.library.custom_op("moe_kit::add_global_batch_counts", mutates_args=("state",))
-def add_global_batch_counts(state: torch.Tensor, counts: torch.Tensor) -> None:
-    """state [E + 1] += counts [E + 1] summed over the default process group (when torch.distributed
-    is initialized) -- unless this runs inside a backward (an activation-checkpoint recompute) or
-    under inference_mode. A custom op, so that the check happens when the op runs, also inside a
-    torch.compile'd graph that a checkpoint replays (as add_expert_counts)."""
-    if torch.is_inference_mode_enabled() or is_recomputing():
-        return
-    counts = counts.clone()
+# aux_loss_type "global_batch": per Router (its _share_log_id), what each training forward of this
+# step kept for its recompute: {"keys": [K] float64 tensors, "shares": [E] tensors, "claims": [M] or None}
+_SHARE_LOGS: dict[int, dict] = {}
+_SHARE_LOG_IDS = itertools.count()
+
+
+def forward_fingerprint(counts: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """float64 [E + 1 + 2E]: what identifies a forward to its checkpoint recompute, which re-runs it on
+    the same inputs and weights and so recomputes these bit for bit: the routed counts [E + 1], the
+    scores' column sums [E] and their position-weighted column sums [E] (so that micro-batches with
+    equal counts, or the same tokens in another order, still differ)."""
+    scores = scores.detach().to(torch.float64)
+    position = torch.arange(1, scores.shape[0] + 1, dtype=torch.float64, device=scores.device)
+    return torch.cat([counts.to(scores.device), scores.sum(dim=0), position @ scores])
+
+
+def _share_of(state: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """f [E] from the step's counts state [E + 1] (this batch's counts [E + 1] while the step has none)."""
+    counted = torch.where(state[-1] > 0, state, counts)
+    return counted[:-1] / counted[-1].clamp_min(1)
+
+
+@torch.library.custom_op("moe_kit::global_batch_share", mutates_args=("state",))
+def global_batch_share(state: torch.Tensor, counts: torch.Tensor, key: torch.Tensor, log_id: int) -> torch.Tensor:
+    """f [E] for a training forward of aux_loss_type "global_batch"; state [E + 1] float64, the step's
+    counts; counts [E + 1] this forward's; key = forward_fingerprint(counts, scores); log_id: the Router's.
+
+    A forward (not inside a backward, not under inference_mode) adds counts, all-reduced over the
+    default process group when torch.distributed is initialized, to state, and keeps (key, f) in the
+    Router's log. A checkpoint recompute runs inside the backward (is_recomputing()), after later
+    micro-batches may have added theirs: it adds nothing and returns the f kept under its own key.
+    Its forward ran on the same inputs and weights, so the key matches bit for bit. Two forwards with
+    equal keys (the same router scores in the same order) each get one kept f: a recompute claims the
+    least-claimed match, the latest on ties, so two recomputes in one backward take different
+    entries. Without an exact match (a recompute that did not reproduce its forward) it takes the
+    kept f of equal counts, else the current counts' f. All on the device: no host sync. A custom
+    op, so that these checks run when the op runs, also inside a torch.compile'd graph that a
+    checkpoint replays (as add_expert_counts)."""
+    if torch.is_inference_mode_enabled():
+        return _share_of(state, counts)
+    log = _SHARE_LOGS.setdefault(log_id, {"keys": [], "shares": [], "claims": None})
+    if is_recomputing():
+        return _kept_share(log, key, _share_of(state, counts))
+    total = counts.clone()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(counts)
-    state += counts
+        torch.distributed.all_reduce(total)
+    state += total
+    share = _share_of(state, counts)
+    log["keys"].append(key.clone())
+    log["shares"].append(share.clone())
+    zero = torch.zeros(1, dtype=torch.float64, device=key.device)
+    log["claims"] = zero if log["claims"] is None else torch.cat([log["claims"], zero])
+    return share
 
 
-@add_global_batch_counts.register_fake
-def _(state, counts) -> None:
-    return None
+def _kept_share(log: dict, key: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """The f [E] a recompute with `key` takes from `log` (global_batch_share), else `current`."""
+    if not log["keys"]:
+        return current
+    keys, shares, claims = torch.stack(log["keys"]), torch.stack(log["shares"]), log["claims"]
+    size = current.shape[0] + 1  # the counts part of a key
+    exact = (keys == key).all(dim=1)
+    same_counts = (keys[:, :size] == key[:size]).all(dim=1)
+    rank = torch.where(exact, 2.0, torch.where(same_counts, 1.0, 0.0)).to(torch.float64)
+    priority = rank * (claims.max() + 2) - claims  # the best match first, then the least claimed
+    last = priority.numel() - 1 - priority.flip(0).argmax()  # the latest among equals
+    found = rank[last] > 0
+    log["claims"] = claims + torch.nn.functional.one_hot(last, claims.numel()).to(claims.dtype) * found
+    return torch.where(found, shares[last].to(current.dtype), current)
+
+
+@global_batch_share.register_fake
+def _(state, counts, key, log_id):
+    return counts.new_empty(counts.shape[0] - 1)
