@@ -604,7 +604,7 @@ def test_global_batch_aux_under_checkpoint_matches_the_plain_run(use_reentrant):
             for m, (x, cot) in enumerate(zip(micro, cots, strict=True)):
                 x = (x * (1 + step)).requires_grad_(True)  # reentrant needs an input that requires grad
                 if checkpointed:
-                    w = torch.utils.checkpoint.checkpoint(lambda t: gate(t)[0], x, use_reentrant=use_reentrant)
+                    w = torch.utils.checkpoint.checkpoint(lambda t, g=gate: g(t)[0], x, use_reentrant=use_reentrant)
                 else:
                     w = gate(x)[0]
                 total = total + (m + 1) * (w * cot).sum()
