@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -100,7 +101,7 @@ class Router(nn.Module):
         self.last_forward_training = True  # whether the last forward ran in training mode (balancing_loss)
         # aux_loss_type "global_batch": float64 [E + 1] routed slots per expert (+ total) this step, or None
         self.global_batch_counts: torch.Tensor | None = None
-        self._share_log_id = next(_SHARE_LOG_IDS)  # its forwards' kept f (global_batch_share); an int: compiles
+        self._new_share_log()
         self.process_group = None  # set by MoELayer(ep_group=...): losses use the group's statistics
         self.track_entropy = False  # set by moe_kit.stats.RoutingMonitor
         self.entropy: torch.Tensor | None = None  # detached mean router entropy of the last forward, if tracked
@@ -112,6 +113,16 @@ class Router(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
         if self.bias is not None:
             nn.init.zeros_(self.bias)  # our choice: an unbiased router at init (Megatron, gpt-oss draw it like W)
+
+    def _new_share_log(self) -> None:
+        """Give this router its own log of kept f (aux_loss_type "global_batch", global_batch_share),
+        named by a plain int so that a compiled forward passes it as a constant; freed with the router."""
+        self._share_log_id = next(_SHARE_LOG_IDS)
+        weakref.finalize(self, _SHARE_LOGS.pop, self._share_log_id, None)
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._new_share_log()  # a deepcopy or unpickled router keeps its own log
 
     def reset_parameters(self) -> None:
         """(Re)initialize everything this gate owns, e.g. after `to_empty()` of a meta-built model."""
@@ -282,20 +293,23 @@ class Router(nn.Module):
         return tuple(x.shape[:-1])
 
 
-# aux_loss_type "global_batch": per Router (its _share_log_id), what each training forward of this
-# step kept for its recompute: {"keys": [K] float64 tensors, "shares": [E] tensors, "claims": [M] or None}
+# aux_loss_type "global_batch": per Router (its _share_log_id), what the training forwards of this step
+# kept for their recomputes (global_batch_share): rows [M] of "keys" [cap, E + 3], "shares" [cap, E] and
+# "claims" [cap] (float64, on the counts' device), capacity doubled as needed; "size" M.
 _SHARE_LOGS: dict[int, dict] = {}
 _SHARE_LOG_IDS = itertools.count()
 
 
 def forward_fingerprint(counts: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """float64 [E + 1 + 2E]: what identifies a forward to its checkpoint recompute, which re-runs it on
-    the same inputs and weights and so recomputes these bit for bit: the routed counts [E + 1], the
-    scores' column sums [E] and their position-weighted column sums [E] (so that micro-batches with
-    equal counts, or the same tokens in another order, still differ)."""
+    """float64 [E + 3]: what identifies a forward to its checkpoint recompute, which re-runs it on the
+    same inputs and weights and so recomputes it bit for bit: the routed counts [E + 1] (counts),
+    then sum_n m_n and sum_n n * m_n with m_n = sum_e (e + 1) * scores[n, e] (scores [N, E]): two
+    micro-batches with equal counts, or with the same tokens in another order, still differ."""
     scores = scores.detach().to(torch.float64)
+    experts = torch.arange(1, scores.shape[1] + 1, dtype=torch.float64, device=scores.device)
+    mean_expert = scores @ experts  # [N]
     position = torch.arange(1, scores.shape[0] + 1, dtype=torch.float64, device=scores.device)
-    return torch.cat([counts.to(scores.device), scores.sum(dim=0), position @ scores])
+    return torch.cat([counts.to(scores.device), mean_expert.sum().reshape(1), (position @ mean_expert).reshape(1)])
 
 
 def _share_of(state: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -307,50 +321,59 @@ def _share_of(state: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("moe_kit::global_batch_share", mutates_args=("state",))
 def global_batch_share(state: torch.Tensor, counts: torch.Tensor, key: torch.Tensor, log_id: int) -> torch.Tensor:
     """f [E] for a training forward of aux_loss_type "global_batch"; state [E + 1] float64, the step's
-    counts; counts [E + 1] this forward's; key = forward_fingerprint(counts, scores); log_id: the Router's.
+    counts; counts [E + 1] this forward's; key [E + 3] = forward_fingerprint(counts, scores); log_id:
+    the Router's.
 
     A forward (not inside a backward, not under inference_mode) adds counts, all-reduced over the
     default process group when torch.distributed is initialized, to state, and keeps (key, f) in the
     Router's log. A checkpoint recompute runs inside the backward (is_recomputing()), after later
     micro-batches may have added theirs: it adds nothing and returns the f kept under its own key.
-    Its forward ran on the same inputs and weights, so the key matches bit for bit. Two forwards with
-    equal keys (the same router scores in the same order) each get one kept f: a recompute claims the
-    least-claimed match, the latest on ties, so two recomputes in one backward take different
-    entries. Without an exact match (a recompute that did not reproduce its forward) it takes the
-    kept f of equal counts, else the current counts' f. All on the device: no host sync. A custom
-    op, so that these checks run when the op runs, also inside a torch.compile'd graph that a
-    checkpoint replays (as add_expert_counts)."""
+    Its forward ran on the same inputs and weights, so the key matches bit for bit. Forwards with
+    equal keys (the same router scores in the same order) each keep their f: a recompute claims the
+    least-claimed match, the latest among those, so the recomputes of one backward, which runs the
+    micro-batches last first, take different entries. Without an exact match (a recompute that did
+    not reproduce its forward) it takes a kept f of equal counts, else the current counts' f. All on
+    the device: no host sync. A custom op, so that these checks run when the op runs, also inside a
+    torch.compile'd graph that a checkpoint replays (as add_expert_counts). The log holds E + 3 and
+    E float64 numbers per forward until reset_global_batch (update_expert_bias) clears it."""
     if torch.is_inference_mode_enabled():
         return _share_of(state, counts)
-    log = _SHARE_LOGS.setdefault(log_id, {"keys": [], "shares": [], "claims": None})
+    log = _SHARE_LOGS.get(log_id)
     if is_recomputing():
-        return _kept_share(log, key, _share_of(state, counts))
+        current = _share_of(state, counts)
+        return current if log is None else _kept_share(log, key, current)
     total = counts.clone()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)
     state += total
     share = _share_of(state, counts)
-    log["keys"].append(key.clone())
-    log["shares"].append(share.clone())
-    zero = torch.zeros(1, dtype=torch.float64, device=key.device)
-    log["claims"] = zero if log["claims"] is None else torch.cat([log["claims"], zero])
+    if log is None or log["size"] == log["keys"].shape[0]:  # start or double the log
+        cap = 8 if log is None else 2 * log["size"]
+        grown = {"keys": key.new_zeros(cap, key.shape[0]), "shares": share.new_zeros(cap, share.shape[0]),
+                 "claims": key.new_zeros(cap), "size": 0 if log is None else log["size"]}
+        if log is not None:
+            for name in ("keys", "shares", "claims"):
+                grown[name][: log["size"]] = log[name]
+        log = _SHARE_LOGS[log_id] = grown
+    row = log["size"]
+    log["keys"][row] = key
+    log["shares"][row] = share
+    log["size"] = row + 1
     return share
 
 
 def _kept_share(log: dict, key: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
     """The f [E] a recompute with `key` takes from `log` (global_batch_share), else `current`."""
-    if not log["keys"]:
-        return current
-    keys, shares, claims = torch.stack(log["keys"]), torch.stack(log["shares"]), log["claims"]
-    size = current.shape[0] + 1  # the counts part of a key
+    size = log["size"]
+    keys, claims = log["keys"][:size], log["claims"][:size]
     exact = (keys == key).all(dim=1)
-    same_counts = (keys[:, :size] == key[:size]).all(dim=1)
+    same_counts = (keys[:, : current.shape[0] + 1] == key[: current.shape[0] + 1]).all(dim=1)
     rank = torch.where(exact, 2.0, torch.where(same_counts, 1.0, 0.0)).to(torch.float64)
     priority = rank * (claims.max() + 2) - claims  # the best match first, then the least claimed
-    last = priority.numel() - 1 - priority.flip(0).argmax()  # the latest among equals
+    last = size - 1 - priority.flip(0).argmax()  # the latest among equals
     found = rank[last] > 0
-    log["claims"] = claims + torch.nn.functional.one_hot(last, claims.numel()).to(claims.dtype) * found
-    return torch.where(found, shares[last].to(current.dtype), current)
+    claims[last] += found.to(claims.dtype)  # in place: log["claims"] rows [0, size)
+    return torch.where(found, log["shares"][last].to(current.dtype), current)
 
 
 @global_batch_share.register_fake
