@@ -415,7 +415,7 @@ def test_global_batch_aux_counts_every_rank_and_micro_batch(spawned):
     rank's micro-batches 0..m (all-reduced), P is the rank's own micro-batch; DDP's averaged
     gradients equal a single process that attaches each (rank, micro) loss with that f."""
     results = part_results(spawned, "ddp_global_batch")
-    net = build_net(make_cfg(**GLOBAL_BATCH_CFG)).eval()  # eval: the gates read the counts set below
+    net = build_net(make_cfg(**GLOBAL_BATCH_CFG)).train()  # losses train only in training mode
     layers = (net.moe0, net.moe1)
     inputs = {}  # (layer, rank, micro) -> the layer's input, from a first pass
     hooks = [layer.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__((i, *key), args[0].detach()))
@@ -440,8 +440,8 @@ def test_global_batch_aux_counts_every_rank_and_micro_batch(spawned):
         for i in range(len(layers)):
             seen[i] += sum(slots(i, rank, m) for rank in range(WORLD))
         for rank in range(WORLD):
-            for i, layer in enumerate(layers):
-                layer.gate.global_batch_counts = seen[i].clone()
+            for i, layer in enumerate(layers):  # the forward adds its own slots back: f = seen
+                layer.gate.global_batch_counts = seen[i] - slots(i, rank, m)
             x, ids, cot = micro_batch(0, rank, m)
             ((net(x, ids) * cot).mean() / (MICRO * WORLD)).backward()
             want = [layer.stats.aux_loss for layer in layers]
