@@ -472,6 +472,75 @@ def test_aux_loss_types_combine_with_their_own_coefficients():
     torch.testing.assert_close(gate.aux_loss, expected, rtol=1e-5, atol=1e-7)
 
 
+def megatron_seq_aux(scores, idx, num_experts, batch, seq, real):
+    """Megatron-Core's seq_aux_loss with a padding mask (router._apply_seq_aux_loss,
+    get_tokens_per_expert_and_token_count, switch_load_balancing_loss_func), ported as written in
+    its [S, B] layout: the B sequences folded into the expert dim, T = real tokens / B, / B.
+    scores [B*S, E], idx [B*S, k], real bool [B*S] (moe_kit's [B, S] order)."""
+    k = idx.shape[1]
+    probs = scores / scores.sum(-1, keepdim=True)
+    routing_map = torch.zeros_like(probs).scatter(1, idx, 1.0)
+    probs, routing_map = probs * real.unsqueeze(-1), routing_map * real.unsqueeze(-1)
+    fold = lambda t: t.view(batch, seq, num_experts).transpose(0, 1).reshape(seq, batch * num_experts)  # noqa: E731
+    probs, routing_map = fold(probs), fold(routing_map)
+    tokens_per_expert = routing_map.sum(dim=0)
+    total_num_tokens = tokens_per_expert.sum() / (k * batch)
+    loss = (probs.sum(dim=0) * tokens_per_expert).sum() * num_experts / (k * total_num_tokens**2)
+    return loss / batch
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_sequence_aux_norm_with_unequal_real_lengths(score_func):
+    """Lengths 20 / 12 / 4 of S = 20: "per_sequence" (the default) = the mean of each sequence's
+    loss over its own real tokens; "megatron" = Megatron-Core's seq_aux_loss, every sequence divided
+    by the mean real length. They differ here, and both equal the plain rule without a mask."""
+    batch, seq = 3, 20
+    real = (torch.arange(seq) < torch.tensor([[20], [12], [4]])).reshape(-1)
+    values = {}
+    for norm in ("per_sequence", "megatron"):
+        cfg = make_cfg(num_experts=6, top_k=2, aux_loss_type="sequence", aux_loss_coef=1.0,
+                       score_func=score_func, sequence_aux_norm=norm, router_dtype=torch.float64)
+        gate = make_gate(cfg, 11).double()
+        x = torch.randn(batch, seq, cfg.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+        gate(x, token_mask=real.view(batch, seq))
+        s = ref_scores(x.reshape(-1, cfg.hidden_size) @ gate.weight.detach().T, score_func)
+        plain = ref_select(s, None, 2)
+        if norm == "per_sequence":
+            rows = real.view(batch, seq)
+            want = torch.stack([ref_aux(s.view(batch, seq, 6)[b][rows[b]], plain.view(batch, seq, 2)[b][rows[b]], 6)
+                                for b in range(batch)]).mean()
+        else:
+            want = megatron_seq_aux(s, plain, 6, batch, seq, real)
+        torch.testing.assert_close(gate.aux_loss, want, rtol=1e-12, atol=0)
+        values[norm] = gate.aux_loss.item()
+        gate(x)  # no mask: both are the plain per-sequence mean
+        torch.testing.assert_close(gate.aux_loss, ref_aux_sequence(s, plain, 6, batch, seq), rtol=1e-12, atol=0)
+        unmasked = megatron_seq_aux(s, plain, 6, batch, seq, torch.ones(batch * seq, dtype=torch.bool))
+        torch.testing.assert_close(gate.aux_loss, unmasked, rtol=1e-12, atol=0)
+    assert abs(values["megatron"] - values["per_sequence"]) > 1e-3 * values["per_sequence"]
+
+
+def test_sequence_aux_norm_megatron_in_the_group_losses(monkeypatch):
+    """group_balancing_losses (ep_group) with "megatron": on one rank (the all-reduce an identity)
+    it gives switch_aux_loss's value and gradient, padding included."""
+    import moe_kit.group_balancing as gb
+
+    monkeypatch.setattr(gb, "_all_reduce_pieces", lambda pieces, group: {n: p.detach() for n, p in pieces.items()})
+    real = (torch.arange(8) < torch.tensor([[8], [5], [0]])).reshape(-1)
+    for norm in ("per_sequence", "megatron"):
+        cfg = make_cfg(num_experts=6, top_k=2, aux_loss_type="sequence", aux_loss_coef=0.5, sequence_aux_norm=norm)
+        logits = torch.randn(24, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        logits.requires_grad_(True)
+        s = torch.softmax(logits, -1)
+        idx = s.detach().topk(2, dim=-1).indices
+        value, _, term = gb.group_balancing_losses(cfg, s, idx, logits, (3, 8), None, real)
+        want = 0.5 * moe_kit.balancing.switch_aux_loss(s, idx, 6, "sequence", (3, 8), real, norm)
+        torch.testing.assert_close(value, want.detach(), rtol=1e-12, atol=0)
+        grad, = torch.autograd.grad(term, logits, retain_graph=True)
+        want_grad, = torch.autograd.grad(want, logits)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-15)
+
+
 def test_global_batch_aux_counts_every_micro_batch_of_the_step():
     """aux_loss_type="global_batch" (Megatron's global_aux_loss): f from the slots of all micro-batches
     so far in this optimizer step, P from the current micro-batch; update_expert_bias starts a new step."""
@@ -512,6 +581,57 @@ def test_global_batch_aux_counts_are_not_added_by_eval_or_checkpoint_recompute()
     gate.eval()
     gate(x)
     assert torch.equal(gate.global_batch_counts, after_forward)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_global_batch_aux_under_checkpoint_matches_the_plain_run(use_reentrant):
+    """Micro-batches checkpointed, one backward of their summed losses (pipeline schedules): each
+    recompute takes the f of its own forward, not the counts of every micro-batch so far, so the
+    router gradient equals the run without checkpointing. Micro-batches 0 and 2 are the same
+    tokens (equal counts, and equal fingerprints), 1 the same tokens in another order; then a
+    second step after update_expert_bias."""
+    cfg = make_cfg(num_experts=6, top_k=2, aux_loss_type="global_batch", aux_loss_coef=1.0)
+    gen = torch.Generator().manual_seed(8)
+    first = torch.randn(9, cfg.hidden_size, generator=gen)
+    micro = [first, first[torch.randperm(9, generator=gen)], first, torch.randn(9, cfg.hidden_size, generator=gen)]
+    cots = [torch.randn(9, 2, generator=gen) for _ in micro]
+    grads = []
+    for checkpointed in (False, True):
+        gate = make_gate(cfg, 7).train()
+        step_grads = []
+        for step in range(2):
+            gate.weight.grad = None
+            total = 0.0
+            for m, (x, cot) in enumerate(zip(micro, cots, strict=True)):
+                x = (x * (1 + step)).requires_grad_(True)  # reentrant needs an input that requires grad
+                if checkpointed:
+                    w = torch.utils.checkpoint.checkpoint(lambda t, g=gate: g(t)[0], x, use_reentrant=use_reentrant)
+                else:
+                    w = gate(x)[0]
+                total = total + (m + 1) * (w * cot).sum()
+            total.backward()
+            step_grads.append(gate.weight.grad.clone())
+            moe_kit.update_expert_bias(gate)
+        grads.append(step_grads)
+    for plain, checkpointed in zip(*grads, strict=True):
+        assert ((checkpointed - plain).norm() / plain.norm()).item() <= 1e-6
+
+
+def test_global_batch_aux_under_checkpoint_of_a_compiled_gate():
+    """checkpoint(torch.compile(gate, fullgraph=True)) over two micro-batches, one backward: the
+    custom op finds each recompute's f at run time, so the gradient equals the eager plain run."""
+    torch._dynamo.reset()
+    cfg = make_cfg(num_experts=6, top_k=2, aux_loss_type="global_batch", aux_loss_coef=1.0)
+    gen = torch.Generator().manual_seed(9)
+    micro = [torch.randn(9, cfg.hidden_size, generator=gen) for _ in range(2)]
+    eager, gate = make_gate(cfg, 7).train(), make_gate(cfg, 7).train()
+    compiled = torch.compile(gate, fullgraph=True, backend="aot_eager")
+    sum(2.0 ** m * eager(x)[0].sum() for m, x in enumerate(micro)).backward()
+    outs = [torch.utils.checkpoint.checkpoint(lambda t: compiled(t)[0], x.requires_grad_(True), use_reentrant=False)
+            for x in micro]
+    sum(2.0 ** m * w.sum() for m, w in enumerate(outs)).backward()
+    assert torch.equal(gate.global_batch_counts, eager.global_batch_counts)
+    assert ((gate.weight.grad - eager.weight.grad).norm() / eager.weight.grad.norm()).item() <= 1e-6
 
 
 @pytest.mark.parametrize("eps", [0.01, 0.3])

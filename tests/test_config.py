@@ -103,6 +103,8 @@ def test_uses_hash_gate():
         pytest.param(dict(score_func="relu"), "score_func", id="unknown-score_func"),
         pytest.param(dict(backend="cuda"), "backend", id="unknown-backend"),
         pytest.param(dict(aux_loss_type="batch"), "aux_loss_type", id="unknown-aux_loss_type"),
+        pytest.param(dict(sequence_aux_norm="mean"), "sequence_aux_norm", id="unknown-sequence_aux_norm"),
+        pytest.param(dict(sequence_aux_norm=None), "sequence_aux_norm", id="sequence_aux_norm-None"),
         pytest.param(dict(n_groups=3), "n_groups", id="E-not-divisible-by-n_groups"),
         pytest.param(dict(n_groups=0), "n_groups", id="n_groups=0"),
         pytest.param(dict(n_groups=4, topk_groups=5), "topk_groups", id="topk_groups>n_groups"),
@@ -466,6 +468,8 @@ def test_required_int_none_names_field(field):
         pytest.param(dict(activation="swiglu"), "activation", id="unknown-activation"),
         pytest.param(dict(activation=None), "activation", id="activation-None"),
         pytest.param(dict(aux_loss_type="batch"), "aux_loss_type", id="unknown-aux_loss_type"),
+        pytest.param(dict(sequence_aux_norm="mean"), "sequence_aux_norm", id="unknown-sequence_aux_norm"),
+        pytest.param(dict(sequence_aux_norm=None), "sequence_aux_norm", id="sequence_aux_norm-None"),
         pytest.param(dict(pad_to_capacity=True), "pad_to_capacity", id="pad-without-capacity"),
         pytest.param(dict(routing="expert_choice"), "capacity_factor", id="expert_choice-without-capacity"),
         pytest.param(dict(routing="expert_choice", capacity_factor=1.0, hash_routing=True, vocab_size=10),
@@ -566,6 +570,7 @@ def configs(draw):
         backend=draw(st.sampled_from(["auto", "torch", "loop", "triton"])),
         swiglu_limit=draw(st.none() | st.floats(0.5, 20)),
         drop_policy=draw(st.sampled_from(["probs", "position"])),
+        sequence_aux_norm=draw(st.sampled_from(["per_sequence", "megatron"])),
     )
     if draw(st.booleans()):
         kw["norm_topk_prob"] = draw(st.booleans())
@@ -624,6 +629,13 @@ def test_json_round_trip(cfg):
 def test_preset_json_round_trip(name):
     cfg = MoEConfig.preset(name)
     assert MoEConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_sequence_aux_norm_round_trips():
+    cfg = make(aux_loss_type="sequence", aux_loss_coef=0.1, sequence_aux_norm="megatron")
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert d["sequence_aux_norm"] == "megatron" and MoEConfig.from_dict(d) == cfg
+    assert make().sequence_aux_norm == "per_sequence"
 
 
 def test_to_dict_values():

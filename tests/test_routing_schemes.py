@@ -501,6 +501,11 @@ def test_replay_errors_name_the_layer():
     with pytest.raises(ValueError, match="outside 0..3"), moe_kit.replay_routing(
             model, {"first": [rec["first"][0] + 4], "second": rec["second"]}):
         model(x)
+    twice = rec["second"][0].clone()
+    twice[3, 1] = twice[3, 0]  # token 3 would run one expert twice (top-2)
+    with pytest.raises(ValueError, match=r"layer 'second'.*same expert twice"), moe_kit.replay_routing(
+            model, {"first": rec["first"], "second": [twice]}):
+        model(x)
     with pytest.raises(ValueError, match="no routing for layer.*second"):
         with moe_kit.replay_routing(model, {"first": rec["first"]}):
             pass

@@ -412,7 +412,7 @@ def test_global_batch_aux_counts_every_rank_and_micro_batch(spawned):
     rank's micro-batches 0..m (all-reduced), P is the rank's own micro-batch; DDP's averaged
     gradients equal a single process that attaches each (rank, micro) loss with that f."""
     results = part_results(spawned, "ddp_global_batch")
-    net = build_net(make_cfg(**GLOBAL_BATCH_CFG)).eval()  # eval: the gates read the counts set below
+    net = build_net(make_cfg(**GLOBAL_BATCH_CFG)).train()  # losses train only in training mode
     layers = (net.moe0, net.moe1)
     inputs = {}  # (layer, rank, micro) -> the layer's input, from a first pass
     hooks = [layer.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__((i, *key), args[0].detach()))
@@ -437,8 +437,8 @@ def test_global_batch_aux_counts_every_rank_and_micro_batch(spawned):
         for i in range(len(layers)):
             seen[i] += sum(slots(i, rank, m) for rank in range(WORLD))
         for rank in range(WORLD):
-            for i, layer in enumerate(layers):
-                layer.gate.global_batch_counts = seen[i].clone()
+            for i, layer in enumerate(layers):  # the forward adds its own slots back: f = seen
+                layer.gate.global_batch_counts = seen[i] - slots(i, rank, m)
             x, ids, cot = micro_batch(0, rank, m)
             ((net(x, ids) * cot).mean() / (MICRO * WORLD)).backward()
             want = [layer.stats.aux_loss for layer in layers]
@@ -649,6 +649,54 @@ def test_balancing_loss_errors():
         layer(batches[0][0])
     with pytest.raises(ValueError, match="without autograd"):
         moe_kit.balancing_loss(layer)
+
+
+def test_balancing_loss_list_form():
+    """The list form (aux_loss_type / aux_loss_coef tuples): balancing_loss returns the sum of every
+    type's loss and z (loss_mode "return"), and refuses attach mode like the single form."""
+    kinds = dict(aux_loss_type=("global", "sequence"), aux_loss_coef=(0.1, 0.2), expert_bias=False)
+    layer, batches = layer_and_batches(loss_mode="return", **kinds)
+    x = batches[0][0]
+    layer(x)
+    total = moe_kit.balancing_loss(layer)
+    assert total.requires_grad
+    torch.testing.assert_close(total.detach(), layer.gate.aux_loss + layer.gate.z_loss, rtol=0, atol=0)
+    s = torch.softmax(x.reshape(-1, D) @ layer.gate.weight.detach().T, -1)
+    top = s.topk(K, dim=-1).indices
+    want = 0.1 * switch_aux_loss(s, top, E) + 0.2 * switch_aux_loss(s, top, E, "sequence", (2, 6))
+    torch.testing.assert_close(layer.gate.aux_loss, want, rtol=1e-6, atol=0)
+    layer, _ = layer_and_batches(**kinds)
+    layer(x)
+    with pytest.raises(ValueError, match="loss_mode"):
+        moe_kit.balancing_loss(layer)
+
+
+@pytest.mark.parametrize("loss_mode", ["attach", "return"])
+def test_balancing_losses_only_in_training_mode(loss_mode):
+    """Megatron / transformers: an eval-mode forward, grad enabled, attaches no loss (the router
+    gradient of a zero upstream stays exactly 0) and balancing_loss gives 0.0; the stats still
+    report the training-mode values of the same input (no jitter)."""
+    layer, batches = layer_and_batches(loss_mode=loss_mode, expert_bias=False)
+    x = batches[0][0]
+    layer.train()
+    layer(x)
+    trained = layer.stats
+    layer.zero_grad()
+    layer.eval()
+    out = layer(x)
+    assert out.requires_grad
+    term = moe_kit.balancing_loss(layer) if loss_mode == "return" else torch.zeros(())
+    assert not term.requires_grad and term.item() == 0.0
+    (out * 0).sum().backward()
+    assert layer.gate.weight.grad is not None and not layer.gate.weight.grad.any()
+    assert layer.gate.balancing_term is None
+    evaluated = layer.stats
+    assert trained.aux_loss is not None and trained.z_loss is not None
+    assert (evaluated.aux_loss, evaluated.z_loss) == (trained.aux_loss, trained.z_loss)
+    layer.train()
+    loss = (layer(x) * 0).sum()
+    (loss + moe_kit.balancing_loss(layer) if loss_mode == "return" else loss).backward()
+    assert layer.gate.weight.grad.abs().sum() > 1e-4  # training mode: the losses train the router again
 
 
 # ----------------------------------------------------------------------------- autocast

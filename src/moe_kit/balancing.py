@@ -34,6 +34,7 @@ def switch_aux_loss(
     kind: str = "global",
     batch_shape=None,
     token_mask: torch.Tensor | None = None,
+    sequence_norm: str = "per_sequence",
 ) -> torch.Tensor:
     """Switch load-balancing loss E * sum_i f_i * P_i (1.0 when perfectly balanced).
 
@@ -43,10 +44,27 @@ def switch_aux_loss(
     i over real tokens. kind "sequence" computes it per sequence of batch_shape (B, S) and averages
     over the sequences that hold a real token (DeepSeek-V3's complementary sequence-wise loss).
     token_mask bool [N] (None: all real) leaves padding out, as if it were not in the batch.
+
+    sequence_norm (cfg.sequence_aux_norm, kind "sequence" only): "per_sequence" divides sequence b's
+    f and P by its own real length L_b (the definition above); "megatron" divides both by the mean
+    real length T = (1/B) sum_b L_b and averages over all B sequences (Megatron-Core's seq_aux_loss
+    with a padding mask): (1/B) sum_b (L_b / T)^2 * loss_b. Equal when every L_b is S (no padding).
     """
     shape = tuple(batch_shape) if kind == "sequence" else (1, scores.shape[0])
     losses, counted = sequence_aux_losses(scores, indices, num_experts, shape, token_mask)
+    if kind == "sequence" and sequence_norm == "megatron":
+        lengths = real_lengths(shape, token_mask, losses.dtype, losses.device)  # L_b [B]
+        # (1/B) sum_b (L_b / T)^2 loss_b with T = sum(L) / B, i.e. B * sum_b L_b^2 loss_b / sum(L)^2
+        return shape[0] * (lengths.square() * losses).sum() / lengths.sum().square().clamp_min(1)
     return losses.sum() / counted.sum().clamp_min(1)
+
+
+def real_lengths(batch_shape, token_mask, dtype: torch.dtype, device) -> torch.Tensor:
+    """[B] real tokens per sequence of batch_shape (B, S) in dtype (token_mask bool [B*S] or None: S each)."""
+    batch, seq = batch_shape
+    if token_mask is None:
+        return torch.full((batch,), float(seq), dtype=dtype, device=device)
+    return token_mask.to(dtype).view(batch, seq).sum(dim=1)
 
 
 def sequence_aux_losses(scores, indices, num_experts: int, batch_shape, token_mask=None):

@@ -29,6 +29,7 @@ SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 BACKENDS = ("auto", "triton", "torch", "loop")
 AUX_LOSS_TYPES = ("global", "sequence", "global_batch")
 LOSS_MODES = ("attach", "return")
+SEQUENCE_AUX_NORMS = ("per_sequence", "megatron")
 DROP_POLICIES = ("probs", "position")
 ROUTINGS = ("token_choice", "expert_choice", "sinkhorn")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")  # computed in moe_kit.activations
@@ -88,6 +89,9 @@ class MoEConfig:
     aux_loss_type: str | tuple[str, ...] = "global"  # "global" (per micro-batch) | "sequence" (per sequence,
     # averaged) | "global_batch" (counts over the step's micro-batches and DP ranks, Megatron global_aux_loss);
     # Megatron's list form: a tuple of distinct types, aux_loss_coef then a tuple of their coefficients
+    sequence_aux_norm: str = "per_sequence"  # aux_loss_type "sequence" with a token_mask: "per_sequence" divides
+    # each sequence's f and P by its own real length (DeepSeek-V3's definition) | "megatron" by the mean real
+    # length of the batch's sequences (Megatron-Core's seq_aux_loss); equal without padding
     z_loss_coef: float = 0.0  # router z-loss
     loss_mode: str = "attach"  # "attach" (losses reach the backward by themselves) | "return" (balancing_loss())
     # hash routing (DeepSeek-V4 first layers): experts picked by token id
@@ -134,6 +138,7 @@ class MoEConfig:
         self._check_aux_losses()
         for name, choices in (
             ("score_func", SCORE_FUNCS), ("backend", BACKENDS), ("loss_mode", LOSS_MODES),
+            ("sequence_aux_norm", SEQUENCE_AUX_NORMS),
             ("drop_policy", DROP_POLICIES), ("routing", ROUTINGS), ("activation", ACTIVATIONS),
         ):
             _require_choice(name, getattr(self, name), choices)

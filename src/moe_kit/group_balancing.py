@@ -7,6 +7,7 @@ One process holding the concatenated batch computes
     aux = E * sum_i f_i * P_i,   f_i = slots to expert i / (N k),   P_i = (1/N) sum_n p_{n,i}
     z   = (1/N) sum_n logsumexp(logits_n)^2
     seq = (1/B) sum_b E * sum_i f_{b,i} P_{b,i}      (aux_loss_type "sequence": f, P per sequence)
+(sequence_aux_norm "megatron": seq = (B / N^2) sum_b L_b^2 E sum_i f_{b,i} P_{b,i}, L_b real tokens of b)
 Here each rank all-reduces the detached pieces it cannot see (counts, N, B, and the partial sums
 for the logged values) once, then attaches its share:
     aux_r = E * sum_i f_i * (1/N) sum_{n on r} p_{n,i}     z_r = (1/N) sum_{n on r} lse_n^2
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moe_kit.balancing import normalized_scores, sequence_aux_losses, slot_weights
+from moe_kit.balancing import normalized_scores, real_lengths, sequence_aux_losses, slot_weights
 from moe_kit.config import MoEConfig
 
 
@@ -43,8 +44,13 @@ def group_balancing_losses(cfg: MoEConfig, scores, indices, logits, batch_shape,
     real = torch.ones_like(scores[:, 0]) if token_mask is None else token_mask.to(scores.dtype)  # [N_r]
     pieces, terms = {}, {}  # pieces: detached local sums to all-reduce; terms: local numerators (grad)
     pieces["tokens"] = real.sum().detach().reshape(1)
+    megatron_norm = cfg.sequence_aux_norm == "megatron"
     if "sequence" in kinds:
         losses, counted = sequence_aux_losses(scores, indices, num_experts, batch_shape, token_mask)
+        if megatron_norm:  # B * sum_b L_b^2 loss_b / N^2 over the group (moe_kit.balancing.switch_aux_loss)
+            lengths = real_lengths(batch_shape, token_mask, losses.dtype, losses.device)
+            losses = lengths.square() * losses
+            counted = torch.ones_like(counted)  # Megatron averages over every sequence
         terms["sequence"] = losses.sum()
         pieces["sequence"] = terms["sequence"].detach().reshape(1)
         pieces["sequences"] = counted.sum().reshape(1)
@@ -64,6 +70,8 @@ def group_balancing_losses(cfg: MoEConfig, scores, indices, logits, batch_shape,
     values, parts = [], []
     if "sequence" in kinds:
         sequences = total["sequences"].clamp_min(1)
+        if megatron_norm:  # divide by B / N^2 instead of B
+            sequences = sequences.reciprocal() * tokens.square()
         values.append(kinds["sequence"] * total["sequence"] / sequences)
         parts.append(kinds["sequence"] * terms["sequence"] / sequences)
     if "global" in kinds:

@@ -107,7 +107,8 @@ def replay_routing(model: nn.Module, record: dict):
 
 
 def _check_indices(name: str, layer: MoELayer, x: torch.Tensor, indices) -> torch.Tensor:
-    """Recorded indices -> int64 on x's device, checked against this forward (ValueError naming the layer)."""
+    """Recorded indices -> int64 on x's device, checked against this forward (ValueError naming the
+    layer): shape, dtype, expert range, and no expert twice in one token's row."""
     if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.dtype == torch.bool:
         raise ValueError(f"replay_routing: layer {name!r}: recorded indices must be an integer tensor")
     num_tokens = x[..., 0].numel() if x.dim() else 0
@@ -124,6 +125,11 @@ def _check_indices(name: str, layer: MoELayer, x: torch.Tensor, indices) -> torc
     high = num_experts if marks else num_experts - 1  # E marks "no expert" where the gate uses it
     if indices.numel() and not torch.compiler.is_compiling() and bool(((indices < 0) | (indices > high)).any()):
         raise ValueError(f"replay_routing: layer {name!r} recorded expert ids outside 0..{high}")
+    if indices.shape[1] > 1 and indices.numel() and not torch.compiler.is_compiling():
+        ids = indices.sort(dim=1).values  # a repeated expert would run twice for one token
+        repeated = (ids[:, 1:] == ids[:, :-1]) & (ids[:, 1:] < num_experts)  # E ("no expert") may repeat
+        if bool(repeated.any()):
+            raise ValueError(f"replay_routing: layer {name!r} recorded a row that names the same expert twice")
     return indices
 
 

@@ -7,7 +7,9 @@ torch.autocast (autocast would run the router linear in bf16 and change which ex
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -71,7 +73,9 @@ class Router(nn.Module):
     Losses (cfg.aux_loss_coef / z_loss_coef > 0) are computed in the router dtype; their detached
     values, coefficient applied, are `aux_loss` / `z_loss`. With cfg.loss_mode "attach" they reach
     the backward through the routing weights (times `loss_scale`); with "return" the differentiable
-    total is kept in `balancing_term` for moe_kit.balancing_loss(model).
+    total is kept in `balancing_term` for moe_kit.balancing_loss(model). The losses train only in
+    training mode (Megatron, transformers): an eval-mode forward, grad enabled or not, attaches
+    nothing and leaves `balancing_term` None, but still sets `aux_loss` / `z_loss` for the stats.
     """
 
     marks_unrouted = False  # True for gates whose indices may hold E ("no expert"), e.g. expert choice
@@ -94,8 +98,10 @@ class Router(nn.Module):
         self.aux_loss: torch.Tensor | None = None  # coef * Switch aux loss of the last forward (detached)
         self.z_loss: torch.Tensor | None = None  # coef * z-loss of the last forward (detached)
         self.balancing_term: torch.Tensor | None = None  # loss_mode "return": differentiable total
+        self.last_forward_training = True  # whether the last forward ran in training mode (balancing_loss)
         # aux_loss_type "global_batch": float64 [E + 1] routed slots per expert (+ total) this step, or None
         self.global_batch_counts: torch.Tensor | None = None
+        self._new_share_log()
         self.process_group = None  # set by MoELayer(ep_group=...): losses use the group's statistics
         self.track_entropy = False  # set by moe_kit.stats.RoutingMonitor
         self.entropy: torch.Tensor | None = None  # detached mean router entropy of the last forward, if tracked
@@ -107,6 +113,16 @@ class Router(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
         if self.bias is not None:
             nn.init.zeros_(self.bias)  # our choice: an unbiased router at init (Megatron, gpt-oss draw it like W)
+
+    def _new_share_log(self) -> None:
+        """Give this router its own log of kept f (aux_loss_type "global_batch", global_batch_share),
+        named by a plain int so that a compiled forward passes it as a constant; freed with the router."""
+        self._share_log_id = next(_SHARE_LOG_IDS)
+        weakref.finalize(self, _SHARE_LOGS.pop, self._share_log_id, None)
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._new_share_log()  # a deepcopy or unpickled router keeps its own log
 
     def reset_parameters(self) -> None:
         """(Re)initialize everything this gate owns, e.g. after `to_empty()` of a meta-built model."""
@@ -187,11 +203,14 @@ class Router(nn.Module):
 
     def _with_losses(self, weights, scores, logits, batch_shape, mask=None, aux_indices=None) -> torch.Tensor:
         """Compute the balancing losses and, in loss_mode "attach", attach them to `weights` [N, k]
-        (returned unchanged in value); in "return" keep their sum in `balancing_term`."""
+        (returned unchanged in value); in "return" keep their sum in `balancing_term`. In eval mode
+        only their values are set (aux_loss / z_loss): nothing is attached or kept."""
         total = self._balancing_losses(scores, logits, batch_shape, mask, aux_indices)
         if self.balancing_term is not None:  # (nn.Module.__setattr__ costs microseconds: skip it when unchanged)
             self.balancing_term = None
-        if total is None or not torch.is_grad_enabled():
+        if self.last_forward_training != self.training:
+            self.last_forward_training = self.training
+        if total is None or not self.training or not torch.is_grad_enabled():
             return weights
         if self.cfg.loss_mode == "return":
             self.balancing_term = total
@@ -227,10 +246,12 @@ class Router(nn.Module):
         total = None
         for kind, coef in pairs:
             if kind == "global_batch":
-                share = self._global_batch_share(aux_indices, mask)
+                share = self._global_batch_share(aux_indices, mask, scores)
                 aux = coef * global_batch_aux_loss(scores, share, mask)
             else:
-                aux = coef * switch_aux_loss(scores, aux_indices, self.num_experts, kind, batch_shape, mask)
+                aux = coef * switch_aux_loss(
+                    scores, aux_indices, self.num_experts, kind, batch_shape, mask, cfg.sequence_aux_norm
+                )
             total = aux if total is None else total + aux
         if total is not None:
             self.aux_loss = total.detach()
@@ -241,16 +262,20 @@ class Router(nn.Module):
         return total
 
     @torch.no_grad()
-    def _global_batch_share(self, aux_indices: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _global_batch_share(self, aux_indices: torch.Tensor, mask: torch.Tensor | None,
+                            scores: torch.Tensor) -> torch.Tensor:
         """f [E] of aux_loss_type "global_batch" (Megatron's global_aux_loss): the share of routed
         slots per expert over every micro-batch of this optimizer step and every rank.
 
-        A training forward all-reduces its counts over the default process group (when
-        torch.distributed is initialized) and adds them to `global_batch_counts`; update_expert_bias
-        (after optimizer.step()) starts the next step. Eval forwards and activation-checkpoint
-        recomputes read the counts without adding (a recompute must see the f of its forward); the
-        check runs inside the custom op add_global_batch_counts, so a compiled forward that a
-        checkpoint replays does not add twice either. No host sync.
+        aux_indices [N, k] (the counted experts), mask bool [N] or None, scores [N, E] (this
+        forward's router scores, for its fingerprint). A training forward all-reduces its counts
+        over the default process group (when torch.distributed is initialized), adds them to
+        `global_batch_counts` and keeps the f it used; update_expert_bias (after optimizer.step())
+        starts the next step. Eval forwards read the counts without adding. An activation-checkpoint
+        recompute neither adds nor reads the running counts (they hold the micro-batches after its
+        forward too): it takes the f its forward kept (see global_batch_share). All of it runs
+        inside a custom op, so a compiled forward that a checkpoint replays behaves the same. No
+        host sync.
         """
         real = slot_weights(aux_indices, mask, torch.float64)
         counts = torch.zeros(self.num_experts + 1, dtype=torch.float64, device=aux_indices.device)
@@ -260,16 +285,16 @@ class Router(nn.Module):
         if self.training:
             if state is None or state.device != counts.device:
                 state = self.global_batch_counts = torch.zeros_like(counts)
-            add_global_batch_counts(state, counts)  # not inside a recompute or under inference_mode
+            return global_batch_share(state, counts, forward_fingerprint(counts, scores), self._share_log_id)
         if state is None:  # eval before any training forward: this batch's own counts
             return counts[:-1] / counts[-1].clamp_min(1)
-        state = state.to(counts.device)
-        counted = torch.where(state[-1] > 0, state, counts)  # nothing counted this step yet: this batch's
-        return counted[:-1] / counted[-1].clamp_min(1)
+        return _share_of(state.to(counts.device), counts)
 
     def reset_global_batch(self) -> None:
-        """Start a new optimizer step for aux_loss_type "global_batch" (called by update_expert_bias)."""
+        """Start a new optimizer step for aux_loss_type "global_batch" (called by update_expert_bias):
+        drops the counts and the f each forward of the step kept for its recompute."""
         self.global_batch_counts = None
+        _SHARE_LOGS.pop(self._share_log_id, None)
 
     def _check_sequence_shape(self, x: torch.Tensor) -> tuple[int, ...]:
         if self._sequence_aux and x.dim() != 3:
@@ -279,20 +304,89 @@ class Router(nn.Module):
         return tuple(x.shape[:-1])
 
 
-@torch.library.custom_op("moe_kit::add_global_batch_counts", mutates_args=("state",))
-def add_global_batch_counts(state: torch.Tensor, counts: torch.Tensor) -> None:
-    """state [E + 1] += counts [E + 1] summed over the default process group (when torch.distributed
-    is initialized) -- unless this runs inside a backward (an activation-checkpoint recompute) or
-    under inference_mode. A custom op, so that the check happens when the op runs, also inside a
-    torch.compile'd graph that a checkpoint replays (as add_expert_counts)."""
-    if torch.is_inference_mode_enabled() or is_recomputing():
-        return
-    counts = counts.clone()
+# aux_loss_type "global_batch": per Router (its _share_log_id), what the training forwards of this step
+# kept for their recomputes (global_batch_share): rows [M] of "keys" [cap, E + 3], "shares" [cap, E] and
+# "claims" [cap] (float64, on the counts' device), capacity doubled as needed; "size" M.
+_SHARE_LOGS: dict[int, dict] = {}
+_SHARE_LOG_IDS = itertools.count()
+
+
+def forward_fingerprint(counts: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """float64 [E + 3]: what identifies a forward to its checkpoint recompute, which re-runs it on the
+    same inputs and weights and so recomputes it bit for bit: the routed counts [E + 1] (counts),
+    then sum_n m_n and sum_n n * m_n with m_n = sum_e (e + 1) * scores[n, e] (scores [N, E]): two
+    micro-batches with equal counts, or with the same tokens in another order, still differ."""
+    scores = scores.detach().to(torch.float64)
+    experts = torch.arange(1, scores.shape[1] + 1, dtype=torch.float64, device=scores.device)
+    mean_expert = scores @ experts  # [N]
+    position = torch.arange(1, scores.shape[0] + 1, dtype=torch.float64, device=scores.device)
+    return torch.cat([counts.to(scores.device), mean_expert.sum().reshape(1), (position @ mean_expert).reshape(1)])
+
+
+def _share_of(state: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """f [E] from the step's counts state [E + 1] (this batch's counts [E + 1] while the step has none)."""
+    counted = torch.where(state[-1] > 0, state, counts)
+    return counted[:-1] / counted[-1].clamp_min(1)
+
+
+@torch.library.custom_op("moe_kit::global_batch_share", mutates_args=("state",))
+def global_batch_share(state: torch.Tensor, counts: torch.Tensor, key: torch.Tensor, log_id: int) -> torch.Tensor:
+    """f [E] for a training forward of aux_loss_type "global_batch"; state [E + 1] float64, the step's
+    counts; counts [E + 1] this forward's; key [E + 3] = forward_fingerprint(counts, scores); log_id:
+    the Router's.
+
+    A forward (not inside a backward, not under inference_mode) adds counts, all-reduced over the
+    default process group when torch.distributed is initialized, to state, and keeps (key, f) in the
+    Router's log. A checkpoint recompute runs inside the backward (is_recomputing()), after later
+    micro-batches may have added theirs: it adds nothing and returns the f kept under its own key.
+    Its forward ran on the same inputs and weights, so the key matches bit for bit. Forwards with
+    equal keys (the same router scores in the same order) each keep their f: a recompute claims the
+    least-claimed match, the latest among those, so the recomputes of one backward, which runs the
+    micro-batches last first, take different entries. Without an exact match (a recompute that did
+    not reproduce its forward) it takes a kept f of equal counts, else the current counts' f. All on
+    the device: no host sync. A custom op, so that these checks run when the op runs, also inside a
+    torch.compile'd graph that a checkpoint replays (as add_expert_counts). The log holds E + 3 and
+    E float64 numbers per forward until reset_global_batch (update_expert_bias) clears it."""
+    if torch.is_inference_mode_enabled():
+        return _share_of(state, counts)
+    log = _SHARE_LOGS.get(log_id)
+    if is_recomputing():
+        current = _share_of(state, counts)
+        return current if log is None else _kept_share(log, key, current)
+    total = counts.clone()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(counts)
-    state += counts
+        torch.distributed.all_reduce(total)
+    state += total
+    share = _share_of(state, counts)
+    if log is None or log["size"] == log["keys"].shape[0]:  # start or double the log
+        cap = 8 if log is None else 2 * log["size"]
+        grown = {"keys": key.new_zeros(cap, key.shape[0]), "shares": share.new_zeros(cap, share.shape[0]),
+                 "claims": key.new_zeros(cap), "size": 0 if log is None else log["size"]}
+        if log is not None:
+            for name in ("keys", "shares", "claims"):
+                grown[name][: log["size"]] = log[name]
+        log = _SHARE_LOGS[log_id] = grown
+    row = log["size"]
+    log["keys"][row] = key
+    log["shares"][row] = share
+    log["size"] = row + 1
+    return share
 
 
-@add_global_batch_counts.register_fake
-def _(state, counts) -> None:
-    return None
+def _kept_share(log: dict, key: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """The f [E] a recompute with `key` takes from `log` (global_batch_share), else `current`."""
+    size = log["size"]
+    keys, claims = log["keys"][:size], log["claims"][:size]
+    exact = (keys == key).all(dim=1)
+    same_counts = (keys[:, : current.shape[0] + 1] == key[: current.shape[0] + 1]).all(dim=1)
+    rank = torch.where(exact, 2.0, torch.where(same_counts, 1.0, 0.0)).to(torch.float64)
+    priority = rank * (claims.max() + 2) - claims  # the best match first, then the least claimed
+    last = size - 1 - priority.flip(0).argmax()  # the latest among equals
+    found = rank[last] > 0
+    claims[last] += found.to(claims.dtype)  # in place: log["claims"] rows [0, size)
+    return torch.where(found, log["shares"][last].to(current.dtype), current)
+
+
+@global_batch_share.register_fake
+def _(state, counts, key, log_id):
+    return counts.new_empty(counts.shape[0] - 1)

@@ -68,7 +68,9 @@ def balancing_loss(model: nn.Module) -> torch.Tensor:
     """The differentiable sum, coefficients applied, of the balancing losses (aux + z) of every
     gate's last forward — for loss_mode "return": add it to the main loss before backward.
 
-    Returns a 0-dim tensor (0.0 when no gate has a loss). Raises ValueError when a gate is in
+    Returns a 0-dim tensor (0.0 when no gate has a loss, and for gates whose last forward ran in
+    eval mode: balancing losses exist only in training mode, as in Megatron and transformers; their
+    values still reach `aux_loss` / `z_loss` and the layer stats). Raises ValueError when a gate is in
     loss_mode "attach" (its loss already reaches the backward; adding it again would count it
     twice) or when a training forward ran without autograd (torch.no_grad, or reentrant
     activation checkpointing, whose forward runs under no_grad: use use_reentrant=False).
@@ -77,7 +79,7 @@ def balancing_loss(model: nn.Module) -> torch.Tensor:
     for name, module in model.named_modules():
         if not isinstance(module, Router):
             continue
-        wants_loss = module.cfg.aux_loss_coef > 0 or module.cfg.z_loss_coef > 0
+        wants_loss = bool(module.cfg.aux_losses) or module.cfg.z_loss_coef > 0  # aux_losses: both forms
         if not wants_loss:
             continue
         if module.cfg.loss_mode != "return":
@@ -86,7 +88,7 @@ def balancing_loss(model: nn.Module) -> torch.Tensor:
                 "reach the backward. Build the model with MoEConfig(loss_mode='return') to add them yourself"
             )
         if module.balancing_term is None:
-            if module.aux_loss is not None or module.z_loss is not None:
+            if module.last_forward_training and (module.aux_loss is not None or module.z_loss is not None):
                 raise ValueError(
                     f"balancing_loss: gate {name!r} ran its last forward without autograd (torch.no_grad or "
                     "reentrant activation checkpointing); use checkpoint(..., use_reentrant=False)"

@@ -51,8 +51,9 @@ from moe_kit.layer import MoELayer
 # MoEConfig fields convert(**overrides) may set: they change training, not the converted function
 # (capacity_factor excepted: dropping tokens changes outputs by design).
 OVERRIDABLE = (
-    "expert_bias", "bias_update_rate", "bias_max", "aux_loss_coef", "aux_loss_type", "z_loss_coef", "loss_mode",
-    "jitter_eps", "capacity_factor", "drop_policy", "pad_to_capacity", "router_dtype", "backend",
+    "expert_bias", "bias_update_rate", "bias_max", "aux_loss_coef", "aux_loss_type", "sequence_aux_norm",
+    "z_loss_coef", "loss_mode", "jitter_eps", "capacity_factor", "drop_policy", "pad_to_capacity", "router_dtype",
+    "backend",
 )
 
 
