@@ -729,6 +729,65 @@ def test_meta_convert_under_a_meta_default_device():
     assert isinstance(model.model.layers[0].mlp, MoELayer)
 
 
+def _shrunk(family: str):
+    """A tiny causal LM of `family` from benchmarks/hf_coverage.py's shrunk config (its first try)."""
+    coverage = _coverage()
+    config_cls = transformers.models.auto.configuration_auto.CONFIG_MAPPING[family]
+    defaults = config_cls().to_dict()
+    shrink = {**coverage.SHRINK, **coverage.RETRIES[0]}
+    config = config_cls(**{k: v for k, v in shrink.items() if k in defaults and v is not coverage.DROP})
+    names = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return getattr(transformers, names[family])(config)
+
+
+FRESH = {**{family: (make, {}) for family, (make, _) in FAMILIES.items()},
+         "qwen3_moe+bias": (_qwen3, {"expert_bias": True}),  # an expert bias the family has no slot for
+         "glm4_moe": (functools.partial(_shrunk, "glm4_moe"), {}),
+         "ernie4_5_moe": (functools.partial(_shrunk, "ernie4_5_moe"), {})}  # its bias is [1, E]
+
+
+@pytest.mark.parametrize("family", FRESH)
+def test_fresh_init_of_a_converted_meta_model_is_the_models_own(family):
+    """transformers' fresh-init path (meta build, convert, to_empty, init_weights): every tensor of
+    the converted layers is drawn by the model's own _init_weights as for the block it replaced
+    (router and experts ~ N(0, initializer_range), expert biases zero), nothing is left as the
+    garbage to_empty gave, and the layers compute what the transformers blocks do on those tensors."""
+    make, overrides = FRESH[family]
+    with torch.device("meta"):
+        model = make()
+    names = hf.convert(model, **overrides)
+    model.to_empty(device="cpu")
+    with torch.no_grad():  # the garbage uninitialized memory may hold
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            tensor.fill_(float("nan") if tensor.is_floating_point() else 12345)
+        for module in model.modules():
+            if getattr(module, "expert_counts", None) is not None:
+                module.expert_counts.fill_(float("nan"))
+    model.init_weights()
+    std = model.config.initializer_range
+    biases = 0
+    for name in names:
+        layer = model.get_submodule(name)
+        assert isinstance(layer, MoELayer), name
+        for key, tensor in list(layer.named_parameters()) + list(layer.named_buffers()):
+            assert torch.isfinite(tensor.float()).all(), (name, key)
+        assert abs(layer.gate.weight.std().item() - std) < 0.3 * std, name  # transformers' init, not moe_kit's
+        assert abs(layer.experts.gate_up_proj.std().item() - std) < 0.3 * std, name
+        if getattr(layer.gate, "expert_bias", None) is not None:
+            biases += 1
+            assert torch.equal(layer.gate.expert_bias, torch.zeros_like(layer.gate.expert_bias)), name
+            assert torch.equal(layer.gate.expert_counts, torch.zeros_like(layer.gate.expert_counts)), name
+    if family in ("deepseek_v3", "deepseek_v4", "qwen3_moe+bias", "glm4_moe", "ernie4_5_moe"):
+        assert biases >= len(names) - (family == "deepseek_v4"), biases  # V4's hash layer has none
+    model.eval()
+    ids = ids_for()
+    with torch.no_grad():
+        got = model(ids).logits
+        hf.convert_back(model)
+        want = model(ids).logits
+    assert torch.isfinite(got).all() and rel_err(got, want) <= TOL
+
+
 # ----------------------------------------------------------------------------- hf.upcycle
 
 

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as hf_init
 
 from moe_kit.activations import UP_OFFSET, swiglu_parts
 from moe_kit.config import MoEConfig
@@ -126,6 +128,8 @@ def _convert(model: nn.Module, overrides: dict, verified_only: bool = True, both
         layer._hf_key_names.relayout(layer, to_hf=False)  # no-op but for transposed / interleaved experts
         _replace(model, name, layer)
         rehook(model, name)  # transformers' capture hooks, when the model installed them already
+    if layers:
+        _override_model_methods(model)
     return list(layers)
 
 
@@ -150,6 +154,7 @@ def convert_back(model: nn.Module) -> list[str]:
     for name, block in restored.items():
         _replace(model, name, block)
         rehook(model, name)  # transformers' capture hooks, when the model installed them already
+    _override_model_methods(model)  # gives back the class methods where no converted layer is left
     return list(restored)
 
 
@@ -218,9 +223,7 @@ def _to_moe_layer(block: nn.Module, spec: BlockSpec, layer_idx: int | None, over
 
 def _to_hf_block(layer: MoELayer, origin: HFOrigin, name: str) -> nn.Module:
     layer._hf_key_names.relayout(layer, to_hf=True)  # experts back in transformers' layout, if it differs
-    takes_layer_idx = "layer_idx" in inspect.signature(origin.cls.__init__).parameters
-    with torch.device("meta"):
-        block = origin.cls(origin.config, layer_idx=origin.layer_idx) if takes_layer_idx else origin.cls(origin.config)
+    block = _meta_block(origin)
     # The layer's state_dict already carries the block's key names (HFKeyNames), all but an expert
     # bias the family has no place for.
     keys = {key: key for key in block.state_dict(keep_vars=True)}
@@ -236,6 +239,13 @@ def _to_hf_block(layer: MoELayer, origin: HFOrigin, name: str) -> nn.Module:
     _move_state(layer, block, keys)
     block.train(layer.training)
     return block
+
+
+def _meta_block(origin: HFOrigin) -> nn.Module:
+    """A transformers block of origin's class and config, built on the meta device."""
+    takes_layer_idx = "layer_idx" in inspect.signature(origin.cls.__init__).parameters
+    with torch.device("meta"):
+        return origin.cls(origin.config, layer_idx=origin.layer_idx) if takes_layer_idx else origin.cls(origin.config)
 
 
 def _shared_width(block: nn.Module, spec: BlockSpec, activation: str, limit: float | None) -> int | None:
@@ -380,6 +390,159 @@ class HFKeyNames:
             for key, fn in self._converters(to_hf=False).items():
                 if prefix + key in state_dict:
                     state_dict[prefix + key] = fn(state_dict[prefix + key]).contiguous()
+
+
+# ----------------------------------------------------------------------------- the model's own methods
+
+
+class _ModelMethod:
+    """An instance attribute standing in for one method of a transformers PreTrainedModel while
+    the model holds converted layers (convert sets it, convert_back removes it). The class's
+    method still does the work; the stand-in adds what converted layers need. A plain object
+    holding the model, so deepcopy and pickle of the model keep it."""
+
+    name = ""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def original(self):
+        return getattr(type(self.model), self.name).__get__(self.model)
+
+    def converted(self) -> list[str]:
+        return [name for name, module in self.model.named_modules() if _is_converted(module)]
+
+
+class _InitWeights(_ModelMethod):
+    """model._init_weights(module): the class's, and for a converted layer, the class's on the
+    transformers block the layer replaced (_init_converted). PreTrainedModel.init_weights() walks
+    every module through it (transformers' fresh-init path: meta build, to_empty, init_weights)."""
+
+    name = "_init_weights"
+
+    def __call__(self, module: nn.Module) -> None:
+        if _is_converted(module):
+            _init_converted(module, self.original())
+        else:
+            self.original()(module)
+
+
+class _SavePretrained(_ModelMethod):
+    """model.save_pretrained(...): the class's, after a warning naming the saved tensors a plain
+    transformers load ignores (a non-zero expert bias the family has no place for)."""
+
+    name = "save_pretrained"
+
+    def __call__(self, *args, **kwargs):
+        ignored = [
+            f"{name}.{key}" for name in self.converted()
+            for key, tensor in _moe_kit_only_state(self.model.get_submodule(name)).items()
+            if not tensor.is_meta and bool(tensor.any())
+        ]
+        if ignored:
+            warnings.warn(
+                f"save_pretrained writes {ignored} under moe_kit's names: {type(self.model).__name__} has no place for "
+                "them, so a plain from_pretrained ignores them (reported as unexpected keys) and routes as if they "
+                "were zero. To restore them exactly: from_pretrained, hf.convert(model, expert_bias=True), then "
+                "model.load_state_dict({these keys read from the checkpoint}, strict=False)",
+                stacklevel=2,
+            )
+        return self.original()(*args, **kwargs)
+
+
+class _SetExpertsImplementation(_ModelMethod):
+    """model.set_experts_implementation(...): refused while converted layers replace the experts
+    (the config would say an implementation that nothing runs)."""
+
+    name = "set_experts_implementation"
+
+    def __call__(self, *args, **kwargs):
+        converted = self.converted()
+        if converted:
+            raise ValueError(
+                f"set_experts_implementation{args or ''}: {converted} are moe_kit MoELayers made by hf.convert, "
+                "which run moe_kit's experts whatever the config's experts_implementation says; hf.convert_back(model) "
+                "first to choose transformers' experts implementation (\"moe_kit\" included, after hf.register())"
+            )
+        return self.original()(*args, **kwargs)
+
+
+METHODS = (_InitWeights, _SavePretrained, _SetExpertsImplementation)
+
+
+def _override_model_methods(model: nn.Module) -> None:
+    """Put the METHODS stand-ins on every PreTrainedModel of `model` holding converted layers,
+    and take them off the others."""
+    for module in model.modules():
+        if not isinstance(module, PreTrainedModel):
+            continue
+        holds = any(_is_converted(m) for m in module.modules())
+        for method in METHODS:
+            if holds and not isinstance(module.__dict__.get(method.name), method):
+                module.__dict__[method.name] = method(module)
+            elif not holds and isinstance(module.__dict__.get(method.name), method):
+                del module.__dict__[method.name]
+
+
+def _is_converted(module: nn.Module) -> bool:
+    return isinstance(module, MoELayer) and getattr(module, "_hf_origin", None) is not None
+
+
+def _moe_kit_only_state(layer: MoELayer) -> dict[str, torch.Tensor]:
+    """{key: tensor} of the layer's state that its transformers block has no key for (an expert
+    bias the family lacks): saved under moe_kit's names."""
+    to_hf = layer._hf_key_names.to_hf
+    return {key: tensor for key, tensor in _own_state(layer).items() if key not in to_hf}
+
+
+def _own_state(layer: MoELayer) -> dict[str, torch.Tensor]:
+    """The layer's state_dict tensors under moe_kit's names (state_dict() gives transformers')."""
+    state = dict(layer.named_parameters())
+    for key, buffer in layer.named_buffers():
+        owner, _, leaf = key.rpartition(".")
+        if leaf not in layer.get_submodule(owner)._non_persistent_buffers_set:
+            state[key] = buffer
+    return state
+
+
+@torch.no_grad()
+def _init_converted(layer: MoELayer, init_weights) -> None:
+    """Initialize a converted layer as `init_weights` (the model class's _init_weights) initializes
+    the transformers block it replaced: a meta block of that class takes the layer's tensors under
+    transformers' names and layout (the same tensor objects; a relaid or retyped copy for gpt-oss's
+    experts and integer tables, written back after), and init_weights visits its modules children
+    first, as transformers' init walk does. Tensors with no block key (an expert bias the family
+    lacks) start at zero, as do the expert counts. transformers' `initialization` functions leave
+    tensors marked `_is_hf_initialized` (loaded ones) as they are. The layer's shared-expert
+    linears, already visited by the walk as nn.Linear, are drawn again here, alike."""
+    block = _meta_block(layer._hf_origin)
+    state = layer.state_dict(keep_vars=True)  # transformers' names and layout (HFKeyNames.save_hook)
+    device = layer.gate.weight.device
+    for key in block.state_dict(keep_vars=True):
+        owner_name, _, leaf = key.rpartition(".")
+        owner = block.get_submodule(owner_name)
+        tensor = state[key]
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, False)
+        else:
+            owner._buffers[leaf] = tensor
+    for module in block.modules():  # buffers outside the state_dict
+        for leaf, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_meta:
+                module._buffers[leaf] = torch.zeros(buffer.shape, dtype=buffer.dtype, device=device)
+    for module in reversed(list(block.modules())):  # every child before its parent
+        init_weights(module)
+    from_hf = layer._hf_key_names.from_hf
+    own = _own_state(layer)
+    copies = {
+        key: tensor for key, tensor in block.state_dict().items()
+        if key in from_hf and tensor.data_ptr() != own[from_hf[key]].data_ptr()
+    }
+    layer.load_state_dict(copies, strict=False)  # HFKeyNames.load_hook: moe_kit's layout and dtypes
+    for tensor in _moe_kit_only_state(layer).values():
+        hf_init.zeros_(tensor)
+    if getattr(layer.gate, "expert_counts", None) is not None:
+        layer.gate.expert_counts.zero_()
 
 
 # ----------------------------------------------------------------------------- finding blocks
