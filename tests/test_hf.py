@@ -693,6 +693,60 @@ def test_converted_model_without_a_place_for_the_bias_keeps_it_under_its_own_nam
     again.load_state_dict(state)
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_saving_an_expert_bias_the_family_lacks_warns_and_reloads_exactly_the_moe_kit_way(family, tmp_path):
+    """convert(expert_bias=True) on a family with no place for the bias, trained: save_pretrained
+    warns naming the keys a plain from_pretrained ignores (its logits differ); from_pretrained +
+    convert(expert_bias=True) + load_state_dict of those checkpoint entries is exact."""
+    from safetensors.torch import load_file
+
+    model = build(family)
+    hf.convert(model, expert_bias=True, bias_update_rate=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.save_pretrained(tmp_path / "zero")  # a zero bias: a plain load is exact, nothing to say
+    assert (tmp_path / "zero" / "moe_kit_state.safetensors").exists()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    for seed in range(2):  # training moves the bias
+        model(ids_for(seed), labels=ids_for(seed)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        moe_kit.update_expert_bias(model)
+    assert model.model.layers[1].mlp.gate.expert_bias.abs().max() > 0
+    ids = ids_for(5)
+    model.eval()
+    with torch.no_grad():
+        trained = model(ids).logits
+    with pytest.warns(UserWarning, match=r"'model\.layers\.1\.mlp\.gate\.expert_bias'.*plain from_pretrained"):
+        model.save_pretrained(tmp_path / "trained")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "trained").eval()
+    with torch.no_grad():
+        assert rel_err(plain(ids).logits, trained) > 1e-3  # the documented loss: the bias is not loaded
+    saved = load_file(tmp_path / "trained" / "moe_kit_state.safetensors")
+    assert sorted(saved) == ["model.layers.0.mlp.gate.expert_bias", "model.layers.1.mlp.gate.expert_bias"]
+    hf.convert(plain, expert_bias=True)
+    assert not plain.load_state_dict(saved, strict=False).unexpected_keys
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, trained)
+
+
+def test_experts_implementation_of_a_converted_model_is_refused():
+    """After convert the experts are MoELayers: choosing transformers' experts implementation
+    would change the config and nothing else, so it raises until convert_back."""
+    model = build("qwen3_moe")
+    hf.convert(model)
+    before = model.config._experts_implementation
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp.*convert_back"):
+        model.set_experts_implementation("batched_mm")
+    with pytest.raises(ValueError, match="convert_back"):
+        model.model.set_experts_implementation("batched_mm")  # the inner PreTrainedModel too
+    assert model.config._experts_implementation == before
+    hf.convert_back(model)
+    model.set_experts_implementation("batched_mm")
+    assert model.config._experts_implementation == "batched_mm"
+    assert "set_experts_implementation" not in vars(model)  # the class's method again
+
+
 # ----------------------------------------------------------------------------- meta-device models
 
 

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as hf_init
@@ -99,7 +101,17 @@ def convert(model: nn.Module, *, both_aux_losses: bool = False, **overrides) -> 
     converted layers hold the meta parameters, and `model.load_state_dict(hf_state_dict,
     assign=True)` (or to_empty + load_state_dict) fills them. The converted model's state_dict()
     and save_pretrained use the transformers key names (HFKeyNames), so a plain
-    `from_pretrained` of the transformers class loads it exactly.
+    `from_pretrained` of the transformers class loads it exactly, but for tensors the family has
+    no place for (an expert bias asked for on Qwen / Mixtral / OLMoE): save_pretrained also writes
+    those to STATE_FILE (moe_kit_state.safetensors) under the model's names and warns when they are
+    not zero; `from_pretrained`, `convert(model, expert_bias=True)` and
+    `model.load_state_dict(load_file(path / STATE_FILE), strict=False)` restore them exactly.
+
+    The converted model's own methods, while it holds converted layers: `init_weights()`
+    (transformers' fresh init, e.g. after meta build + convert + to_empty) initializes each
+    converted layer as the model's `_init_weights` does the block it replaced (expert biases and
+    counts at zero); `set_experts_implementation` raises ValueError (the experts are MoELayers:
+    convert_back first).
     """
     return _convert(model, overrides, both_aux_losses=both_aux_losses)
 
@@ -428,26 +440,32 @@ class _InitWeights(_ModelMethod):
 
 
 class _SavePretrained(_ModelMethod):
-    """model.save_pretrained(...): the class's, after a warning naming the saved tensors a plain
-    transformers load ignores (a non-zero expert bias the family has no place for)."""
+    """model.save_pretrained(save_directory, ...): the class's, and the converted layers' tensors
+    that the transformers blocks have no key for (an expert bias the family lacks) in STATE_FILE
+    beside the checkpoint, under the model's own names; a warning names them when they are not
+    zero, since a plain from_pretrained ignores them."""
 
     name = "save_pretrained"
 
-    def __call__(self, *args, **kwargs):
-        ignored = [
-            f"{name}.{key}" for name in self.converted()
-            for key, tensor in _moe_kit_only_state(self.model.get_submodule(name)).items()
-            if not tensor.is_meta and bool(tensor.any())
-        ]
-        if ignored:
+    def __call__(self, save_directory, *args, **kwargs):
+        state = {
+            f"{name}.{key}": tensor for name in self.converted()
+            for key, tensor in _moe_kit_only_state(self.model.get_submodule(name)).items() if not tensor.is_meta
+        }
+        trained = [key for key, tensor in state.items() if bool(tensor.any())]
+        if trained:
             warnings.warn(
-                f"save_pretrained writes {ignored} under moe_kit's names: {type(self.model).__name__} has no place for "
-                "them, so a plain from_pretrained ignores them (reported as unexpected keys) and routes as if they "
-                "were zero. To restore them exactly: from_pretrained, hf.convert(model, expert_bias=True), then "
-                "model.load_state_dict({these keys read from the checkpoint}, strict=False)",
+                f"save_pretrained: {type(self.model).__name__} has no place for {trained}, so a plain from_pretrained "
+                f"ignores them and routes as if they were zero; they are saved in {STATE_FILE} too. To restore them "
+                "exactly: from_pretrained, hf.convert(model, expert_bias=True), then "
+                f"model.load_state_dict(safetensors.torch.load_file(path / {STATE_FILE!r}), strict=False)",
                 stacklevel=2,
             )
-        return self.original()(*args, **kwargs)
+        result = self.original()(save_directory, *args, **kwargs)
+        if state and kwargs.get("is_main_process", True):
+            save_file({k: t.detach().cpu().contiguous() for k, t in state.items()},
+                      os.path.join(save_directory, STATE_FILE))
+        return result
 
 
 class _SetExpertsImplementation(_ModelMethod):
@@ -468,6 +486,7 @@ class _SetExpertsImplementation(_ModelMethod):
 
 
 METHODS = (_InitWeights, _SavePretrained, _SetExpertsImplementation)
+STATE_FILE = "moe_kit_state.safetensors"  # what save_pretrained writes beside the checkpoint (_SavePretrained)
 
 
 def _override_model_methods(model: nn.Module) -> None:
