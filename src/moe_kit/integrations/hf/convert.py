@@ -462,7 +462,7 @@ class _SavePretrained(_ModelMethod):
                 stacklevel=2,
             )
         result = self.original()(save_directory, *args, **kwargs)
-        if state and kwargs.get("is_main_process", True):
+        if state and (args[0] if args else kwargs.get("is_main_process", True)):  # save_pretrained's 2nd argument
             save_file({k: t.detach().cpu().contiguous() for k, t in state.items()},
                       os.path.join(save_directory, STATE_FILE))
         return result
@@ -478,9 +478,10 @@ class _SetExpertsImplementation(_ModelMethod):
         converted = self.converted()
         if converted:
             raise ValueError(
-                f"set_experts_implementation{args or ''}: {converted} are moe_kit MoELayers made by hf.convert, "
-                "which run moe_kit's experts whatever the config's experts_implementation says; hf.convert_back(model) "
-                "first to choose transformers' experts implementation (\"moe_kit\" included, after hf.register())"
+                f"set_experts_implementation({', '.join(map(repr, args))}): {converted} are moe_kit MoELayers made "
+                "by hf.convert, which run moe_kit's experts whatever the config's experts_implementation says; "
+                "hf.convert_back(model) first to choose transformers' experts implementation (\"moe_kit\" included, "
+                "after hf.register())"
             )
         return self.original()(*args, **kwargs)
 
