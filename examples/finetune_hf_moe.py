@@ -12,9 +12,10 @@
 4. `save_pretrained` on the converted model writes a normal transformers checkpoint (the
    converted layers save under Qwen3-MoE's own key names; no convert_back needed), and a plain
    `from_pretrained` reload is checked against the trained model. Qwen3-MoE has no place for the
-   learned expert bias: it is saved under moe_kit's name (`...mlp.gate.expert_bias`, which
-   transformers reports as an unexpected key and ignores), and `convert(reloaded, expert_bias=True)`
-   + `load_state_dict` of those checkpoint entries brings it back.
+   learned expert bias: save_pretrained warns, and writes it under moe_kit's name
+   (`...mlp.gate.expert_bias`, which transformers reports as an unexpected key and ignores) and to
+   moe_kit_state.safetensors beside the checkpoint; `convert(reloaded, expert_bias=True)` +
+   `load_state_dict` of that file brings it back.
 """
 
 from __future__ import annotations
@@ -157,9 +158,7 @@ def save_and_reload(model, has_bias: bool, out_dir: Path, held_out: torch.Tensor
           f"{' (expert bias not applied: Qwen3-MoE has none)' if has_bias else ''}")
     if has_bias:
         hf.convert(reloaded, expert_bias=True)
-        biases = {}  # the checkpoint keeps transformers' on-disk layout; only the bias is read here
-        for shard in sorted(out_dir.glob("*.safetensors")):
-            biases.update({k: v for k, v in load_file(shard).items() if k.endswith(".gate.expert_bias")})
+        biases = load_file(out_dir / "moe_kit_state.safetensors")  # under the model's own key names
         missing, unexpected = reloaded.load_state_dict(biases, strict=False)
         assert not unexpected and len(biases) == 2, (unexpected, list(biases))
         with torch.no_grad():

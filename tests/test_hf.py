@@ -688,6 +688,60 @@ def test_converted_model_without_a_place_for_the_bias_keeps_it_under_its_own_nam
     again.load_state_dict(state)
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_saving_an_expert_bias_the_family_lacks_warns_and_reloads_exactly_the_moe_kit_way(family, tmp_path):
+    """convert(expert_bias=True) on a family with no place for the bias, trained: save_pretrained
+    warns naming the keys a plain from_pretrained ignores (its logits differ); from_pretrained +
+    convert(expert_bias=True) + load_state_dict of those checkpoint entries is exact."""
+    from safetensors.torch import load_file
+
+    model = build(family)
+    hf.convert(model, expert_bias=True, bias_update_rate=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.save_pretrained(tmp_path / "zero")  # a zero bias: a plain load is exact, nothing to say
+    assert (tmp_path / "zero" / "moe_kit_state.safetensors").exists()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    for seed in range(2):  # training moves the bias
+        model(ids_for(seed), labels=ids_for(seed)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        moe_kit.update_expert_bias(model)
+    assert model.model.layers[1].mlp.gate.expert_bias.abs().max() > 0
+    ids = ids_for(5)
+    model.eval()
+    with torch.no_grad():
+        trained = model(ids).logits
+    with pytest.warns(UserWarning, match=r"'model\.layers\.1\.mlp\.gate\.expert_bias'.*plain from_pretrained"):
+        model.save_pretrained(tmp_path / "trained")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "trained").eval()
+    with torch.no_grad():
+        assert rel_err(plain(ids).logits, trained) > 1e-3  # the documented loss: the bias is not loaded
+    saved = load_file(tmp_path / "trained" / "moe_kit_state.safetensors")
+    assert sorted(saved) == ["model.layers.0.mlp.gate.expert_bias", "model.layers.1.mlp.gate.expert_bias"]
+    hf.convert(plain, expert_bias=True)
+    assert not plain.load_state_dict(saved, strict=False).unexpected_keys
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, trained)
+
+
+def test_experts_implementation_of_a_converted_model_is_refused():
+    """After convert the experts are MoELayers: choosing transformers' experts implementation
+    would change the config and nothing else, so it raises until convert_back."""
+    model = build("qwen3_moe")
+    hf.convert(model)
+    before = model.config._experts_implementation
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp.*convert_back"):
+        model.set_experts_implementation("batched_mm")
+    with pytest.raises(ValueError, match="convert_back"):
+        model.model.set_experts_implementation("batched_mm")  # the inner PreTrainedModel too
+    assert model.config._experts_implementation == before
+    hf.convert_back(model)
+    model.set_experts_implementation("batched_mm")
+    assert model.config._experts_implementation == "batched_mm"
+    assert "set_experts_implementation" not in vars(model)  # the class's method again
+
+
 # ----------------------------------------------------------------------------- meta-device models
 
 
@@ -722,6 +776,65 @@ def test_meta_convert_under_a_meta_default_device():
         model = FAMILIES["mixtral"][0]()
         hf.convert(model)  # still inside the context: no probe may land on meta
     assert isinstance(model.model.layers[0].mlp, MoELayer)
+
+
+def _shrunk(family: str):
+    """A tiny causal LM of `family` from benchmarks/hf_coverage.py's shrunk config (its first try)."""
+    coverage = _coverage()
+    config_cls = transformers.models.auto.configuration_auto.CONFIG_MAPPING[family]
+    defaults = config_cls().to_dict()
+    shrink = {**coverage.SHRINK, **coverage.RETRIES[0]}
+    config = config_cls(**{k: v for k, v in shrink.items() if k in defaults and v is not coverage.DROP})
+    names = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return getattr(transformers, names[family])(config)
+
+
+FRESH = {**{family: (make, {}) for family, (make, _) in FAMILIES.items()},
+         "qwen3_moe+bias": (_qwen3, {"expert_bias": True}),  # an expert bias the family has no slot for
+         "glm4_moe": (functools.partial(_shrunk, "glm4_moe"), {}),
+         "ernie4_5_moe": (functools.partial(_shrunk, "ernie4_5_moe"), {})}  # its bias is [1, E]
+
+
+@pytest.mark.parametrize("family", FRESH)
+def test_fresh_init_of_a_converted_meta_model_is_the_models_own(family):
+    """transformers' fresh-init path (meta build, convert, to_empty, init_weights): every tensor of
+    the converted layers is drawn by the model's own _init_weights as for the block it replaced
+    (router and experts ~ N(0, initializer_range), expert biases zero), nothing is left as the
+    garbage to_empty gave, and the layers compute what the transformers blocks do on those tensors."""
+    make, overrides = FRESH[family]
+    with torch.device("meta"):
+        model = make()
+    names = hf.convert(model, **overrides)
+    model.to_empty(device="cpu")
+    with torch.no_grad():  # the garbage uninitialized memory may hold
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            tensor.fill_(float("nan") if tensor.is_floating_point() else 12345)
+        for module in model.modules():
+            if getattr(module, "expert_counts", None) is not None:
+                module.expert_counts.fill_(float("nan"))
+    model.init_weights()
+    std = model.config.initializer_range
+    biases = 0
+    for name in names:
+        layer = model.get_submodule(name)
+        assert isinstance(layer, MoELayer), name
+        for key, tensor in list(layer.named_parameters()) + list(layer.named_buffers()):
+            assert torch.isfinite(tensor.float()).all(), (name, key)
+        assert abs(layer.gate.weight.std().item() - std) < 0.3 * std, name  # transformers' init, not moe_kit's
+        assert abs(layer.experts.gate_up_proj.std().item() - std) < 0.3 * std, name
+        if getattr(layer.gate, "expert_bias", None) is not None:
+            biases += 1
+            assert torch.equal(layer.gate.expert_bias, torch.zeros_like(layer.gate.expert_bias)), name
+            assert torch.equal(layer.gate.expert_counts, torch.zeros_like(layer.gate.expert_counts)), name
+    if family in ("deepseek_v3", "deepseek_v4", "qwen3_moe+bias", "glm4_moe", "ernie4_5_moe"):
+        assert biases >= len(names) - (family == "deepseek_v4"), biases  # V4's hash layer has none
+    model.eval()
+    ids = ids_for()
+    with torch.no_grad():
+        got = model(ids).logits
+        hf.convert_back(model)
+        want = model(ids).logits
+    assert torch.isfinite(got).all() and rel_err(got, want) <= TOL
 
 
 # ----------------------------------------------------------------------------- hf.upcycle

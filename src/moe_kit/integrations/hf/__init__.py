@@ -14,7 +14,8 @@ Three entry points:
   expert-bias updates and routing stats work while fine-tuning. The converted model saves under
   the transformers key names (a plain `from_pretrained` of the transformers class loads it
   exactly, gpt-oss's transposed / interleaved experts included: they are relaid in place at
-  convert and written back in transformers' layout); `convert_back(model)` restores the
+  convert and written back in transformers' layout; an expert bias the family has no place for
+  also goes to moe_kit_state.safetensors, with a warning: see convert); `convert_back(model)` restores the
   transformers blocks. Both work on models built under torch.device("meta"): convert first, then
   load the weights.
   The converted layers (ConvertedMoELayer) keep what the blocks did around their routers: with

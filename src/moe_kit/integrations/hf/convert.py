@@ -23,13 +23,17 @@ is in the old layout: build it after convert for these families.
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as hf_init
 
 from moe_kit.activations import UP_OFFSET
 from moe_kit.config import MoEConfig
@@ -96,7 +100,17 @@ def convert(model: nn.Module, *, both_aux_losses: bool = False, **overrides) -> 
     converted layers hold the meta parameters, and `model.load_state_dict(hf_state_dict,
     assign=True)` (or to_empty + load_state_dict) fills them. The converted model's state_dict()
     and save_pretrained use the transformers key names (HFKeyNames), so a plain
-    `from_pretrained` of the transformers class loads it exactly.
+    `from_pretrained` of the transformers class loads it exactly, but for tensors the family has
+    no place for (an expert bias asked for on Qwen / Mixtral / OLMoE): save_pretrained also writes
+    those to STATE_FILE (moe_kit_state.safetensors) under the model's names and warns when they are
+    not zero; `from_pretrained`, `convert(model, expert_bias=True)` and
+    `model.load_state_dict(load_file(path / STATE_FILE), strict=False)` restore them exactly.
+
+    The converted model's own methods, while it holds converted layers: `init_weights()`
+    (transformers' fresh init, e.g. after meta build + convert + to_empty) initializes each
+    converted layer as the model's `_init_weights` does the block it replaced (expert biases and
+    counts at zero); `set_experts_implementation` raises ValueError (the experts are MoELayers:
+    convert_back first).
     """
     return _convert(model, overrides, both_aux_losses=both_aux_losses)
 
@@ -125,6 +139,8 @@ def _convert(model: nn.Module, overrides: dict, verified_only: bool = True, both
         layer._hf_key_names.relayout(layer, to_hf=False)  # no-op but for transposed / interleaved experts
         _replace(model, name, layer)
         rehook(model, name)  # transformers' capture hooks, when the model installed them already
+    if layers:
+        _override_model_methods(model)
     return list(layers)
 
 
@@ -149,6 +165,7 @@ def convert_back(model: nn.Module) -> list[str]:
     for name, block in restored.items():
         _replace(model, name, block)
         rehook(model, name)  # transformers' capture hooks, when the model installed them already
+    _override_model_methods(model)  # gives back the class methods where no converted layer is left
     return list(restored)
 
 
@@ -212,9 +229,7 @@ def _to_moe_layer(block: nn.Module, spec: BlockSpec, layer_idx: int | None, over
 
 def _to_hf_block(layer: MoELayer, origin: HFOrigin, name: str) -> nn.Module:
     layer._hf_key_names.relayout(layer, to_hf=True)  # experts back in transformers' layout, if it differs
-    takes_layer_idx = "layer_idx" in inspect.signature(origin.cls.__init__).parameters
-    with torch.device("meta"):
-        block = origin.cls(origin.config, layer_idx=origin.layer_idx) if takes_layer_idx else origin.cls(origin.config)
+    block = _meta_block(origin)
     # The layer's state_dict already carries the block's key names (HFKeyNames), all but an expert
     # bias the family has no place for.
     keys = {key: key for key in block.state_dict(keep_vars=True)}
@@ -230,6 +245,13 @@ def _to_hf_block(layer: MoELayer, origin: HFOrigin, name: str) -> nn.Module:
     _move_state(layer, block, keys)
     block.train(layer.training)
     return block
+
+
+def _meta_block(origin: HFOrigin) -> nn.Module:
+    """A transformers block of origin's class and config, built on the meta device."""
+    takes_layer_idx = "layer_idx" in inspect.signature(origin.cls.__init__).parameters
+    with torch.device("meta"):
+        return origin.cls(origin.config, layer_idx=origin.layer_idx) if takes_layer_idx else origin.cls(origin.config)
 
 
 def _shared_width(block: nn.Module, spec: BlockSpec, activation: str, limit: float | None) -> int | None:
@@ -374,6 +396,167 @@ class HFKeyNames:
             for key, fn in self._converters(to_hf=False).items():
                 if prefix + key in state_dict:
                     state_dict[prefix + key] = fn(state_dict[prefix + key]).contiguous()
+
+
+# ----------------------------------------------------------------------------- the model's own methods
+
+
+class _ModelMethod:
+    """An instance attribute standing in for one method of a transformers PreTrainedModel while
+    the model holds converted layers (convert sets it, convert_back removes it). The class's
+    method still does the work; the stand-in adds what converted layers need. A plain object
+    holding the model, so deepcopy and pickle of the model keep it."""
+
+    name = ""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def original(self):
+        return getattr(type(self.model), self.name).__get__(self.model)
+
+    def converted(self) -> list[str]:
+        return [name for name, module in self.model.named_modules() if _is_converted(module)]
+
+
+class _InitWeights(_ModelMethod):
+    """model._init_weights(module): the class's, and for a converted layer, the class's on the
+    transformers block the layer replaced (_init_converted). PreTrainedModel.init_weights() walks
+    every module through it (transformers' fresh-init path: meta build, to_empty, init_weights)."""
+
+    name = "_init_weights"
+
+    def __call__(self, module: nn.Module) -> None:
+        if _is_converted(module):
+            _init_converted(module, self.original())
+        else:
+            self.original()(module)
+
+
+class _SavePretrained(_ModelMethod):
+    """model.save_pretrained(save_directory, ...): the class's, and the converted layers' tensors
+    that the transformers blocks have no key for (an expert bias the family lacks) in STATE_FILE
+    beside the checkpoint, under the model's own names; a warning names them when they are not
+    zero, since a plain from_pretrained ignores them."""
+
+    name = "save_pretrained"
+
+    def __call__(self, save_directory, *args, **kwargs):
+        state = {
+            f"{name}.{key}": tensor for name in self.converted()
+            for key, tensor in _moe_kit_only_state(self.model.get_submodule(name)).items() if not tensor.is_meta
+        }
+        trained = [key for key, tensor in state.items() if bool(tensor.any())]
+        if trained:
+            warnings.warn(
+                f"save_pretrained: {type(self.model).__name__} has no place for {trained}, so a plain from_pretrained "
+                f"ignores them and routes as if they were zero; they are saved in {STATE_FILE} too. To restore them "
+                "exactly: from_pretrained, hf.convert(model, expert_bias=True), then "
+                f"model.load_state_dict(safetensors.torch.load_file(path / {STATE_FILE!r}), strict=False)",
+                stacklevel=2,
+            )
+        result = self.original()(save_directory, *args, **kwargs)
+        if state and (args[0] if args else kwargs.get("is_main_process", True)):  # save_pretrained's 2nd argument
+            save_file({k: t.detach().cpu().contiguous() for k, t in state.items()},
+                      os.path.join(save_directory, STATE_FILE))
+        return result
+
+
+class _SetExpertsImplementation(_ModelMethod):
+    """model.set_experts_implementation(...): refused while converted layers replace the experts
+    (the config would say an implementation that nothing runs)."""
+
+    name = "set_experts_implementation"
+
+    def __call__(self, *args, **kwargs):
+        converted = self.converted()
+        if converted:
+            raise ValueError(
+                f"set_experts_implementation({', '.join(map(repr, args))}): {converted} are moe_kit MoELayers made "
+                "by hf.convert, which run moe_kit's experts whatever the config's experts_implementation says; "
+                "hf.convert_back(model) first to choose transformers' experts implementation (\"moe_kit\" included, "
+                "after hf.register())"
+            )
+        return self.original()(*args, **kwargs)
+
+
+METHODS = (_InitWeights, _SavePretrained, _SetExpertsImplementation)
+STATE_FILE = "moe_kit_state.safetensors"  # what save_pretrained writes beside the checkpoint (_SavePretrained)
+
+
+def _override_model_methods(model: nn.Module) -> None:
+    """Put the METHODS stand-ins on every PreTrainedModel of `model` holding converted layers,
+    and take them off the others."""
+    for module in model.modules():
+        if not isinstance(module, PreTrainedModel):
+            continue
+        holds = any(_is_converted(m) for m in module.modules())
+        for method in METHODS:
+            if holds and not isinstance(module.__dict__.get(method.name), method):
+                module.__dict__[method.name] = method(module)
+            elif not holds and isinstance(module.__dict__.get(method.name), method):
+                del module.__dict__[method.name]
+
+
+def _is_converted(module: nn.Module) -> bool:
+    return isinstance(module, MoELayer) and getattr(module, "_hf_origin", None) is not None
+
+
+def _moe_kit_only_state(layer: MoELayer) -> dict[str, torch.Tensor]:
+    """{key: tensor} of the layer's state that its transformers block has no key for (an expert
+    bias the family lacks): saved under moe_kit's names."""
+    to_hf = layer._hf_key_names.to_hf
+    return {key: tensor for key, tensor in _own_state(layer).items() if key not in to_hf}
+
+
+def _own_state(layer: MoELayer) -> dict[str, torch.Tensor]:
+    """The layer's state_dict tensors under moe_kit's names (state_dict() gives transformers')."""
+    state = dict(layer.named_parameters())
+    for key, buffer in layer.named_buffers():
+        owner, _, leaf = key.rpartition(".")
+        if leaf not in layer.get_submodule(owner)._non_persistent_buffers_set:
+            state[key] = buffer
+    return state
+
+
+@torch.no_grad()
+def _init_converted(layer: MoELayer, init_weights) -> None:
+    """Initialize a converted layer as `init_weights` (the model class's _init_weights) initializes
+    the transformers block it replaced: a meta block of that class takes the layer's tensors under
+    transformers' names and layout (the same tensor objects; a relaid or retyped copy for gpt-oss's
+    experts and integer tables, written back after), and init_weights visits its modules children
+    first, as transformers' init walk does. Tensors with no block key (an expert bias the family
+    lacks) start at zero, as do the expert counts. transformers' `initialization` functions leave
+    tensors marked `_is_hf_initialized` (loaded ones) as they are. The layer's shared-expert
+    linears, already visited by the walk as nn.Linear, are drawn again here, alike."""
+    block = _meta_block(layer._hf_origin)
+    state = layer.state_dict(keep_vars=True)  # transformers' names and layout (HFKeyNames.save_hook)
+    device = layer.gate.weight.device
+    for key in block.state_dict(keep_vars=True):
+        owner_name, _, leaf = key.rpartition(".")
+        owner = block.get_submodule(owner_name)
+        tensor = state[key]
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, False)
+        else:
+            owner._buffers[leaf] = tensor
+    for module in block.modules():  # buffers outside the state_dict
+        for leaf, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_meta:
+                module._buffers[leaf] = torch.zeros(buffer.shape, dtype=buffer.dtype, device=device)
+    for module in reversed(list(block.modules())):  # every child before its parent
+        init_weights(module)
+    from_hf = layer._hf_key_names.from_hf
+    own = _own_state(layer)
+    copies = {
+        key: tensor for key, tensor in block.state_dict().items()
+        if key in from_hf and tensor.data_ptr() != own[from_hf[key]].data_ptr()
+    }
+    layer.load_state_dict(copies, strict=False)  # HFKeyNames.load_hook: moe_kit's layout and dtypes
+    for tensor in _moe_kit_only_state(layer).values():
+        hf_init.zeros_(tensor)
+    if getattr(layer.gate, "expert_counts", None) is not None:
+        layer.gate.expert_counts.zero_()
 
 
 # ----------------------------------------------------------------------------- finding blocks
