@@ -1,15 +1,19 @@
 """Load-balancing study: one small decoder-only MoE LM trained on real English text, once per balancing
 scheme and seed, measured with the papers' own metrics.
 
-    python benchmarks/balance_study.py [--steps 120] [--arms none,aux_1e-2,...] [--seeds 0,1,2]
-                                       [--models e32k4s1,e8k2] [--out benchmarks/results/cpu/balance-study]
+    python benchmarks/balance_study.py [--steps 80] [--arms none,aux_1e-2,...] [--seeds 0,1,2]
+                                       [--models e32k4s1,e8k2] [--dim 128] [--out benchmarks/results/cpu/balance-study]
+
+The default (27 runs: 9 arms x 3 seeds, 80 steps each) takes about 8 minutes on 2 idle CPU cores;
+`--dim 256 --models e32k4s1,e8k2 --steps 300` is the bigger study the defaults scale down.
 
 Data: the English prose of the Python documentation that ships with the standard library
 (`pydoc_data.topics`), byte-level (vocabulary 256); the last `--val-share` of the bytes is the
 validation split. Model (examples/routing_collapse.py's TinyMoELM): 4 pre-norm blocks of causal
-attention + MoE FFN, D = 256, softmax router. Models: `e32k4s1` fine-grained E = 32, k = 4 with one
-shared expert; `e8k2` top-2 of 8. Every optimizer step is `--accum` micro-batches of `--micro-batch`
-sequences (gradient accumulation), the same data and initial weights in every arm of a seed.
+attention + MoE FFN, D = 128 (--dim), softmax router. Models: `e32k4s1` fine-grained E = 32, k = 4,
+I = D/2, with one shared expert (the default); `e8k2` top-2 of 8, I = 2D. Every optimizer step is
+`--accum` micro-batches of `--micro-batch` sequences (gradient accumulation), the same data and
+initial weights in every arm of a seed.
 
 Arms (one balancing scheme each, everything else equal):
   none             no balancing
@@ -320,16 +324,16 @@ def render(out_dir) -> None:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--models", default="e32k4s1,e8k2")
-    parser.add_argument("--out", default="balance_study")
+    parser.add_argument("--models", default="e32k4s1", help="comma-separated: e32k4s1, e8k2")
+    parser.add_argument("--out", default="benchmarks/results/cpu/balance-study")
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--micro-batch", type=int, default=4, help="sequences per micro-batch")
+    parser.add_argument("--micro-batch", type=int, default=2, help="sequences per micro-batch")
     parser.add_argument("--accum", type=int, default=4, help="micro-batches per optimizer step")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--gb-coef", type=float, default=1e-3, help="aux coefficient of the global_batch arm")
