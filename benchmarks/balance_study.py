@@ -1,10 +1,11 @@
 """Load-balancing study: one small decoder-only MoE LM trained on real English text, once per balancing
 scheme and seed, measured with the papers' own metrics.
 
-    python benchmarks/balance_study.py [--steps 80] [--arms none,aux_1e-2,...] [--seeds 0,1,2]
+    python benchmarks/balance_study.py [--steps 100] [--arms none,aux_1e-2,...] [--seeds 0,1,2]
                                        [--models e32k4s1,e8k2] [--dim 128] [--out benchmarks/results/cpu/balance-study]
 
-The default (27 runs: 9 arms x 3 seeds, 80 steps each) takes about 8 minutes on 2 idle CPU cores;
+The default (27 runs: 9 arms x 3 seeds, 100 steps each, one torch thread) takes about 8 minutes on a
+2-core CPU;
 `--dim 256 --models e32k4s1,e8k2 --steps 300` is the bigger study the defaults scale down.
 
 Data: the English prose of the Python documentation that ships with the standard library
@@ -324,7 +325,7 @@ def render(out_dir) -> None:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--models", default="e32k4s1", help="comma-separated: e32k4s1, e8k2")
@@ -341,7 +342,9 @@ def parse_args(argv):
     parser.add_argument("--val-share", type=float, default=0.1)
     parser.add_argument("--val-tokens", type=int, default=4096, help="validation tokens per evaluation pass")
     parser.add_argument("--eval-every", type=int, default=0, help="0: steps // 4")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads: this small a model is fastest on 1 (2 threads spin against each "
+                             "other on a busy machine: 8x slower in a measurement with load average 6 on 2 cores)")
     parser.add_argument("--render", default=None, help="rebuild DIR/results.md and .png from DIR/results.json")
     args = parser.parse_args(argv)
     args.arm_list = [a for a in args.arms.split(",") if a]
