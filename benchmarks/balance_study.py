@@ -230,8 +230,22 @@ def summarize(runs: list[dict]) -> list[dict]:
                 row[key + "_min"], row[key + "_max"] = min(values), max(values)
             unrouted = [r["unrouted_share"] for r in group if r["unrouted_share"] is not None]
             row["unrouted_share"] = statistics.mean(unrouted) if unrouted else None
+            # paired by seed (same data, same initial weights): perplexity minus the no-balancing run's
+            none = {r["seed"]: r["val_ppl"] for r in runs if r["model"] == model and r["arm"] == "none"}
+            deltas = [r["val_ppl"] - none[r["seed"]] for r in group if r["seed"] in none]
+            row["val_ppl_vs_none"] = statistics.mean(deltas) if deltas else None
+            row["val_ppl_vs_none_min"] = min(deltas) if deltas else None
+            row["val_ppl_vs_none_max"] = max(deltas) if deltas else None
+            row["maxvio_batch_jump"] = statistics.mean(mean_jump(r["maxvio_batch_curve"]) for r in group)
             rows.append(row)
     return rows
+
+
+def mean_jump(curve: list[float]) -> float:
+    """Mean |curve[t+1] - curve[t]| over the second half of a run (0.0 under two points): how much
+    MaxVio_batch swings from one step to the next, i.e. oscillation, once the start is over."""
+    tail = curve[len(curve) // 2:]
+    return statistics.mean(abs(b - a) for a, b in zip(tail[:-1], tail[1:], strict=True)) if len(tail) > 1 else 0.0
 
 
 def markdown(data: dict) -> str:
@@ -244,20 +258,26 @@ def markdown(data: dict) -> str:
         f"1-min load average {env['load_average_1m']} at start, {env.get('load_average_1m_end')} at end "
         f"on {env['cpu_count']} cores; total wall time {data['wall_seconds'] / 60:.1f} min.",
         "",
-        "Mean over seeds (min-max). MaxVio_global: validation pass, mean over layers (worst layer). "
-        "MaxVio_batch: training steps, mean over layers and steps (last 10% of steps).",
+        "Mean over seeds (min-max). Δ ppl: validation perplexity minus the `none` run's of the same seed "
+        "(same data and initial weights), mean (min-max). MaxVio_global: validation pass, mean over layers "
+        "(worst layer). MaxVio_batch: training steps, mean over layers and steps (last 10% of steps); "
+        "jump: mean |change| of MaxVio_batch from one step to the next over the second half (oscillation).",
         "",
-        "| model | arm | val ppl | MaxVio_global | MaxVio_batch | dropped / unrouted | s / run |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| model | arm | val ppl | Δ ppl vs none | MaxVio_global | MaxVio_batch | jump | dropped / unrouted "
+        "| s / run |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in data["summary"]:
+        delta = "-" if r.get("val_ppl_vs_none") is None else (
+            f"{r['val_ppl_vs_none']:+.3f} ({r['val_ppl_vs_none_min']:+.3f} to {r['val_ppl_vs_none_max']:+.3f})")
         share = "0" if not r["dropped_share"] else f"{r['dropped_share']:.3f} dropped"
         if r["unrouted_share"] is not None:
             share = f"{r['unrouted_share']:.3f} unrouted"
         lines.append(
             f"| {r['model']} | {r['arm']} | {r['val_ppl']:.3f} ({r['val_ppl_min']:.3f}-{r['val_ppl_max']:.3f}) "
-            f"| {r['maxvio_global']:.3f} ({r['maxvio_global_worst']:.3f}) "
-            f"| {r['maxvio_batch_mean']:.3f} ({r['maxvio_batch_last10']:.3f}) | {share} | {r['seconds']:.1f} |")
+            f"| {delta} | {r['maxvio_global']:.3f} ({r['maxvio_global_worst']:.3f}) "
+            f"| {r['maxvio_batch_mean']:.3f} ({r['maxvio_batch_last10']:.3f}) | {r['maxvio_batch_jump']:.3f} "
+            f"| {share} | {r['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -278,19 +298,25 @@ def plot(data: dict, path) -> None:
             if not group:
                 continue
             steps = np.arange(1, len(group[0]["loss_curve"]) + 1)
-            for row, key in enumerate(("maxvio_batch_curve", "loss_curve")):
-                curve = np.mean([_smooth(r[key]) for r in group], axis=0)
-                axes[row, col].plot(steps, curve, color=colors[arm], label=arm, linewidth=1.3)
+            vio = np.mean([_smooth(r["maxvio_batch_curve"]) for r in group], axis=0)
+            axes[0, col].plot(steps, vio, color=colors[arm], label=arm, linewidth=1.3)
+            base = {r["seed"]: np.asarray(r["loss_curve"]) for r in runs if r["model"] == model and r["arm"] == "none"}
+            paired = [r for r in group if r["seed"] in base]
+            loss = (np.mean([_smooth(np.asarray(r["loss_curve"]) - base[r["seed"]]) for r in paired], axis=0)
+                    if paired else np.mean([_smooth(r["loss_curve"]) for r in group], axis=0))
+            axes[1, col].plot(steps, loss, color=colors[arm], label=arm, linewidth=1.3)
             glob = np.mean([r["maxvio_global"] for r in group])
             axes[0, col].plot([steps[-1]], [glob], marker="D", color=colors[arm], linestyle="none")
         axes[0, col].set_title(f"{model}: MaxVio_batch (line) and MaxVio_global (diamond)", fontsize=10)
         axes[0, col].set_yscale("symlog", linthresh=0.1)
-        axes[1, col].set_title(f"{model}: training loss (nats / byte)", fontsize=10)
+        paired = any(r["arm"] == "none" for r in runs if r["model"] == model)
+        axes[1, col].set_title(f"{model}: training loss (nats / byte)" + (" minus the `none` run of the same seed"
+                                                                         if paired else ""), fontsize=10)
         for ax in axes[:, col]:
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("MaxVio (mean over layers, seeds)")
-    axes[1, 0].set_ylabel("loss (mean over seeds)")
+    axes[1, 0].set_ylabel("loss difference (mean over seeds)")
     axes[0, -1].legend(fontsize=8, ncol=2)
     fig.suptitle("moe_kit balance study (curves smoothed over 10 steps)")
     fig.savefig(path, dpi=100)
@@ -308,8 +334,14 @@ def _smooth(values, width: int = 10):
 
 
 def render(out_dir) -> None:
+    """(Re)write OUT/results.md and .png from OUT/results.json (its summary recomputed from the runs)."""
     with open(os.path.join(out_dir, "results.json")) as f:
         data = json.load(f)
+    summary = summarize(data["runs"])
+    if summary != data["summary"]:
+        data["summary"] = summary
+        with open(os.path.join(out_dir, "results.json"), "w") as f:
+            json.dump(data, f)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(markdown(data))
     try:
