@@ -17,7 +17,9 @@ Legend: N tokens, E experts, L MoE layers, T recorded steps.
 MaxVio (Wang et al. 2024, arXiv 2408.15664, "Auxiliary-Loss-Free Load Balancing"): (max_i load_i -
 mean load) / mean load, mean load = routed slots / E (the load under perfect balance). MaxVio_batch
 is that of one training batch (a row's load), MaxVio_global that of the loads summed over an
-evaluation pass.
+evaluation pass. Expert specialization as Qiu et al. 2025 (arXiv 2501.11873) measure it (how often
+each expert is chosen for the tokens of each domain) needs a domain label per token, which routing
+alone does not carry: run one LoadCounter per domain's batches and compare the normalized loads.
 """
 
 from __future__ import annotations
