@@ -4,6 +4,7 @@ must refuse to time a backend that computes something else."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -210,3 +211,54 @@ def test_memory_benchmark_reports_the_ratio(tmp_path):
     # moe_kit keeps h [N*k, 2I] (plus small plan tensors); the dense MLP keeps h, act and silu(gate) of width k*I
     assert rows["moe_kit"]["saved_mib"] < rows["dense"]["saved_mib"]
     assert json.loads((tmp_path / "memory.json").read_text())["ratio"] == out["ratio"]
+
+
+def test_balance_study_runs_every_arm_end_to_end(tmp_path):
+    import balance_study
+
+    data = balance_study.main(["--steps", "2", "--seeds", "0", "--models", "e8k2,e32k4s1", "--dim", "16",
+                               "--heads", "2", "--layers", "1", "--seq", "8", "--micro-batch", "2", "--accum", "2",
+                               "--val-tokens", "32", "--threads", "1", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(data["summary"]))
+    runs = {(r["model"], r["arm"]): r for r in saved["runs"]}
+    assert set(runs) == {(m, a) for m in ("e8k2", "e32k4s1") for a in balance_study.ARMS}
+    for run in saved["runs"]:
+        assert len(run["loss_curve"]) == len(run["maxvio_batch_curve"]) == 2
+        assert run["val_ppl"] == pytest.approx(math.exp(run["val_loss"])) and 1 < run["val_ppl"] < 256 * 4
+        assert run["maxvio_global"] == pytest.approx(sum(run["maxvio_global_per_layer"].values()) / 1)
+        assert 0 <= run["maxvio_global"] <= run["maxvio_global_worst"] + 1e-12
+        assert run["dropped_share"] == 0.0  # every arm is dropless; expert choice reports unrouted instead
+        assert (run["unrouted_share"] is not None) == (run["arm"] == "expert_choice")
+    assert runs["e8k2", "expert_choice"]["maxvio_global"] == 0.0  # C tokens per expert by construction
+    assert runs["e8k2", "lossfree_scaled"]["bias_update_rate"] == pytest.approx(1e-3 * 1000 / 2)
+    assert runs["e8k2", "lossfree_u1e-3"]["bias_update_rate"] == pytest.approx(1e-3)
+    table = (tmp_path / "results.md").read_text()
+    assert "| e32k4s1 | global_batch |" in table and "pydoc_data.topics" in table
+    assert (tmp_path / "results.png").read_bytes().startswith(PNG_MAGIC)
+    (tmp_path / "results.md").unlink()
+    balance_study.main(["--render", str(tmp_path)])
+    assert (tmp_path / "results.md").read_text() == table
+
+
+def test_balance_study_arms_and_data():
+    import balance_study
+
+    args = balance_study.parse_args(["--steps", "500"])
+    cfg = {arm: balance_study.arm_config(arm, "e32k4s1", args) for arm in balance_study.ARMS}
+    assert cfg["none"].aux_loss_coef == 0 and not cfg["none"].expert_bias and cfg["none"].num_shared_experts == 1
+    assert (cfg["aux_1e-2"].aux_loss_coef, cfg["aux_1e-2"].aux_loss_type) == (1e-2, "global")
+    assert (cfg["aux_1e-3"].aux_loss_coef, cfg["global_batch"].aux_loss_type) == (1e-3, "global_batch")
+    assert cfg["lossfree_scaled"].bias_update_rate == pytest.approx(2e-3) and cfg["lossfree_scaled"].expert_bias
+    assert (cfg["aux_z"].aux_loss_coef, cfg["aux_z"].z_loss_coef) == (1e-3, 1e-3)
+    assert (cfg["expert_choice"].routing, cfg["expert_choice"].capacity_factor) == ("expert_choice", 4.0)
+    assert cfg["sinkhorn"].routing == "sinkhorn"
+    text = balance_study.load_text()
+    assert len(text) > 400_000 and b"The" in text  # the standard library's English documentation
+    train, val = balance_study.split_bytes(text, 0.1)
+    assert len(train) + len(val) == len(text) and len(val) == len(text) - int(len(text) * 0.9)
+    (inputs, targets), *_ = balance_study.val_batches(val, 4, 16, 64)
+    assert inputs.shape == (4, 16) and torch.equal(inputs[0, 1:], targets[0, :-1])
+    assert torch.equal(inputs[1, 0:1], targets[0, -1:])  # consecutive windows
+    with pytest.raises(SystemExit):
+        balance_study.parse_args(["--arms", "nope"])

@@ -14,7 +14,7 @@ from torch import nn
 
 import moe_kit
 from moe_kit import MoEConfig, MoELayer
-from moe_kit.stats import RoutingMonitor, load_cv, load_matrix, plot_routing, score_entropy
+from moe_kit.stats import LoadCounter, RoutingMonitor, load_cv, load_matrix, max_violation, plot_routing, score_entropy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -38,6 +38,50 @@ def test_load_cv(load, expected):
         assert math.isnan(got)
     else:
         assert got == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "load, expected",
+    [
+        pytest.param([4, 4, 4, 4], 0.0, id="balanced"),
+        pytest.param([8, 0, 0, 0], 3.0, id="one-hot-expert-is-E-minus-1"),
+        pytest.param([3, 1, 0, 0], 2.0, id="hand"),  # mean 1: (3 - 1) / 1
+        pytest.param([1, 2, 3, 6], 1.0, id="hand-2"),  # mean 3: (6 - 3) / 3
+        pytest.param([5, 4, 3], 0.25, id="odd-E"),  # mean 4: (5 - 4) / 4
+        pytest.param([7], 0.0, id="one-expert"),
+        pytest.param([0, 0, 0], 0.0, id="no-routed-slot-is-zero"),
+    ],
+)
+def test_max_violation_matches_its_definition(load, expected):
+    got = max_violation(torch.tensor(load))
+    assert got == pytest.approx(expected, abs=1e-12)
+    mean = sum(load) / len(load)
+    if mean > 0:  # the definition, spelled out
+        assert got == pytest.approx((max(load) - mean) / mean, abs=1e-12)
+    assert max_violation(torch.tensor(load, dtype=torch.float32)) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "load, match",
+    [
+        pytest.param(torch.zeros(0, dtype=torch.long), "shape", id="empty"),
+        pytest.param(torch.ones(2, 3, dtype=torch.long), "shape", id="2d"),
+        pytest.param(torch.tensor([1, -1, 2]), "negative", id="negative"),
+        pytest.param(torch.tensor([1.0, float("nan")]), "non-finite", id="nan"),
+    ],
+)
+def test_max_violation_rejects_bad_load(load, match):
+    with pytest.raises(ValueError, match=match):
+        max_violation(load)
+
+
+def test_routing_stats_max_violation_property():
+    layer = one_hot_router_layer()
+    layer(torch.eye(4)[[0, 0, 0, 1]])  # load [3, 1, 0, 0]
+    assert layer.stats.load.tolist() == [3, 1, 0, 0]
+    assert layer.stats.max_violation == pytest.approx(2.0)
+    layer(torch.eye(4))
+    assert layer.stats.max_violation == 0.0
 
 
 def test_score_entropy_formula():
@@ -85,6 +129,7 @@ def test_monitor_matches_hand_computed_values():
     assert [r["layer"] for r in rows] == ["0", "1"] and all(r["step"] == 7 for r in rows)
     first, second = rows
     assert first["load"] == [3, 1, 0, 0]
+    assert first["max_violation"] == pytest.approx(2.0)
     assert first["max_over_mean"] == pytest.approx(3.0)
     assert first["cv"] == pytest.approx(math.sqrt(1.5))  # deviations 2, 0, -1, -1
     assert first["entropy"] == pytest.approx(softmax_row_entropy([10, 0, 0, 0]), abs=1e-6)  # ~1.5e-3
@@ -93,12 +138,60 @@ def test_monitor_matches_hand_computed_values():
     assert first["bias_min"] is None and first["bias_max"] is None
     assert first["aux_loss"] is None and first["z_loss"] is None
     assert second["load"] == [2, 0, 0, 0]
+    assert second["max_violation"] == pytest.approx(3.0)
     assert second["max_over_mean"] == pytest.approx(4.0)
     assert second["cv"] == pytest.approx(math.sqrt(3))
     assert monitor.history == rows
     monitor.record(step=8)
     assert [r["step"] for r in monitor.history] == [7, 7, 8, 8]
     assert monitor.layers() == ["0", "1"]
+
+
+def test_monitor_maxvio_batch_over_micro_batches_and_global_over_an_eval_pass(tmp_path):
+    model = nn.Sequential(one_hot_router_layer(), one_hot_router_layer())
+    monitor = RoutingMonitor(model)
+    eye = torch.eye(4)
+    with monitor.count() as counter:  # one step of two micro-batches
+        model(eye[[0, 0, 0, 1]])  # layer 0 [3, 1, 0, 0]; layer 1 sees layer 0's output: one-hot too
+        model(eye[[2, 3]])  # [0, 0, 1, 1]
+    first, second = monitor.record(1, counter)
+    assert counter.forwards == {"0": 2, "1": 2}
+    assert first["load"] == [3, 1, 1, 1]  # summed: mean 1.5, MaxVio (3 - 1.5) / 1.5 = 1
+    assert first["max_violation"] == pytest.approx(1.0) and first["max_over_mean"] == pytest.approx(2.0)
+    assert second["load"] == counter.loads["1"].tolist() and sum(second["load"]) == 6
+    (plain,) = monitor.record(2)[:1]  # without a counter: the last forward only
+    assert plain["load"] == [0, 0, 1, 1] and plain["max_violation"] == pytest.approx(1.0)
+
+    model.eval()
+    with torch.no_grad(), monitor.evaluate(step=2):
+        for tokens in ([0, 1, 1, 1], [1, 1, 2, 3], [0, 1, 2, 3]):
+            model(eye[tokens])
+    # MaxVio_global: loads summed over the pass, [2, 6, 2, 2]: mean 3, (6 - 3) / 3
+    rows = monitor.evaluations
+    assert [r["layer"] for r in rows] == ["0", "1"] and rows[0]["load"] == [2, 6, 2, 2]
+    assert rows[0]["forwards"] == 3 and rows[0]["max_violation"] == pytest.approx(1.0)
+    assert monitor.max_violation_global() == {"0": pytest.approx(1.0), "1": rows[1]["max_violation"]}
+    # the per-batch MaxVio of the same pass are 2, 1 and 0: their mean is not MaxVio_global
+    assert LoadCounter(model).loads == {}  # a counter sees nothing outside its block
+    model(eye[[0, 0]])
+    assert len(monitor.evaluations) == 2  # the pass ended with its block
+
+    monitor.to_json(tmp_path / "r.json")
+    loaded = RoutingMonitor.from_json(tmp_path / "r.json")
+    assert loaded.evaluations == monitor.evaluations and loaded.max_violation_global(2)["0"] == pytest.approx(1.0)
+    assert RoutingMonitor.from_json(tmp_path / "r.json", until_step=1).evaluations == []
+    table = monitor.to_markdown(tmp_path / "r.md")
+    assert (tmp_path / "r.md").read_text() == table
+    assert "| 0 | 2 | 1.000 | 1.000 | 2.000 | 0.000 | 1.000 |" in table  # mean / last MaxVio_batch 1, global 1
+
+
+def test_monitor_evaluate_appends_nothing_when_the_pass_fails():
+    layer = one_hot_router_layer()
+    monitor = RoutingMonitor(layer)
+    with pytest.raises(ValueError), monitor.evaluate(step=0):
+        layer(torch.eye(4))
+        layer(torch.randn(2, 5))  # wrong width
+    assert monitor.evaluations == [] and layer._forward_hooks == {}
 
 
 def test_monitor_reads_bias_dropped_and_losses():
@@ -222,6 +315,8 @@ def test_plots_write_png(tmp_path):
     for step in range(4):
         model(torch.randn(12, 4))
         monitor.record(step)
+    with monitor.evaluate(3):
+        model(torch.randn(12, 4))
     monitor.plot(tmp_path / "one.png", title="one run")
     plot_routing({"a": monitor.history, "b": monitor.history[:4]}, tmp_path / "two.png", metric="cv")
     for name in ("one.png", "two.png"):

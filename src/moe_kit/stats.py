@@ -9,12 +9,22 @@ Legend: N tokens, E experts, L MoE layers, T recorded steps.
     monitor = RoutingMonitor(model)          # asks every gate to keep its router entropy
     for step in range(steps):
         ...; optimizer.step(); moe_kit.update_expert_bias(model)
-        monitor.record(step)                 # one row per MoE layer: load, max/mean, cv, entropy...
-    monitor.to_json("routing.json"); monitor.plot("routing.png")
+        monitor.record(step)                 # one row per MoE layer: load, MaxVio, max/mean, cv, entropy...
+        with monitor.evaluate(step):         # every forward inside adds to one load per layer:
+            for batch in validation: model(batch)   # MaxVio_global of the pass
+    monitor.to_json("routing.json"); monitor.to_markdown("routing.md"); monitor.plot("routing.png")
+
+MaxVio (Wang et al. 2024, arXiv 2408.15664, "Auxiliary-Loss-Free Load Balancing"): (max_i load_i -
+mean load) / mean load, mean load = routed slots / E (the load under perfect balance). MaxVio_batch
+is that of one training batch (a row's load), MaxVio_global that of the loads summed over an
+evaluation pass. Expert specialization as Qiu et al. 2025 (arXiv 2501.11873) measure it (how often
+each expert is chosen for the tokens of each domain) needs a domain label per token, which routing
+alone does not carry: run one LoadCounter per domain's batches and compare the normalized loads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -43,6 +53,11 @@ class RoutingStats:
         """Coefficient of variation of `load` (0.0 is perfect balance); see `load_cv`."""
         return load_cv(self.load)
 
+    @property
+    def max_violation(self) -> float:
+        """MaxVio of `load`: (max load - mean load) / mean load (0.0 is perfect balance); see `max_violation`."""
+        return max_violation(self.load)
+
 
 def routing_stats(model: nn.Module) -> dict[str, RoutingStats]:
     """{module name: RoutingStats} for every MoE layer of `model` that has run a forward."""
@@ -69,6 +84,28 @@ def load_cv(load: torch.Tensor) -> float:
     return float(load.std(correction=0) / mean)
 
 
+def max_violation(load: torch.Tensor) -> float:
+    """MaxVio of the per-expert load [E] (Wang et al. 2024, arXiv 2408.15664, section 4.1):
+    (max_i load_i - mean load) / mean load, with mean load = load.sum() / E, the load of every
+    expert under perfect balance.
+
+    0 when every expert gets the same share, E - 1 when one expert gets everything. 0.0 when no slot
+    is routed at all (an all-padding batch, an empty layer): no expert is above the balanced load,
+    and averages over steps stay finite. Same value as max_over_mean_load - 1 otherwise.
+    """
+    if load.dim() != 1 or load.numel() == 0:
+        raise ValueError(f"max_violation needs a load of shape [E] with E >= 1, got shape {tuple(load.shape)}")
+    if load.is_floating_point() and not bool(torch.isfinite(load).all()):
+        raise ValueError("max_violation: the load holds a non-finite value")
+    load = load.double()
+    if bool((load < 0).any()):
+        raise ValueError("max_violation: the load holds a negative count")
+    mean = load.sum() / load.numel()
+    if not mean > 0:
+        return 0.0
+    return float((load.max() - mean) / mean)
+
+
 @torch.no_grad()
 def score_entropy(scores: torch.Tensor) -> torch.Tensor:
     """Router entropy in nats: mean over tokens of H(p), p = scores / scores.sum(-1), scores [N, E].
@@ -90,11 +127,17 @@ class RoutingMonitor:
     """Records the routing of every MoE layer of `model`, one row per layer per `record(step)`.
 
     Row keys: step, layer (module name), load (list of E ints: routed slots per expert),
-    max_over_mean, cv, entropy (nats; None when not tracked), entropy_max (log E),
-    dropped_fraction, bias_min / bias_max (None without expert bias), aux_loss, z_loss. Every
-    number describes the layer's last forward before `record` (call it after the optimizer step;
-    with gradient accumulation that is the last micro-batch). Non-finite values
-    are stored as None so the history is plain JSON.
+    max_violation (MaxVio_batch), max_over_mean, cv, entropy (nats; None when not tracked),
+    entropy_max (log E), dropped_fraction, bias_min / bias_max (None without expert bias), aux_loss,
+    z_loss. Every number describes the layer's last forward before `record` (call it after the
+    optimizer step; with gradient accumulation that is the last micro-batch, unless the step's
+    forwards ran inside `with monitor.count() as counter:` and `record(step, counter)` is called:
+    then load, max_violation, max_over_mean and cv are those of the whole step's load).
+    Non-finite values are stored as None so the history is plain JSON.
+
+    `with monitor.evaluate(step):` sums every MoE layer's load over the forwards inside (an
+    evaluation pass) and appends one row per layer to `evaluations`: step, layer, load, forwards,
+    max_violation (MaxVio_global of the pass), max_over_mean, cv.
 
     `entropy=True` sets `track_entropy` on every gate of `model` so each forward keeps a detached
     mean router entropy (one [N, E] reduction); `close()` turns that off again.
@@ -104,23 +147,57 @@ class RoutingMonitor:
     def __init__(self, model: nn.Module | None = None, entropy: bool = True):
         self.model = model
         self.history: list[dict] = []
+        self.evaluations: list[dict] = []  # one row per layer per evaluate() pass
         self._gates = []
         if model is not None and entropy:
             self._gates = [m for m in model.modules() if hasattr(m, "track_entropy")]
             for gate in self._gates:
                 gate.track_entropy = True
 
-    def record(self, step: int) -> list[dict]:
-        """Append (and return) one row per MoE layer that has run a forward."""
-        if self.model is None:
-            raise ValueError("this RoutingMonitor has no model to read (it was built from saved history)")
+    def record(self, step: int, counter: LoadCounter | None = None) -> list[dict]:
+        """Append (and return) one row per MoE layer that has run a forward.
+
+        counter: a LoadCounter (from `count()`) that saw this step's forwards, e.g. all micro-batches
+        of a gradient-accumulation step; the rows' load and balance numbers are then its sums.
+        """
+        self._need_model()
         rows = []
         for name, stats in routing_stats(self.model).items():
             gate = getattr(self.model.get_submodule(name), "gate", None)
             entropy = getattr(gate, "entropy", None) if getattr(gate, "track_entropy", False) else None
-            rows.append(stats_row(step, name, stats, entropy))
+            row = stats_row(step, name, stats, entropy)
+            if counter is not None and name in counter.loads:
+                row.update(load_row(counter.loads[name]))
+            rows.append(row)
         self.history.extend(rows)
         return rows
+
+    def count(self) -> LoadCounter:
+        """A LoadCounter on this monitor's model: `with monitor.count() as c: ...; monitor.record(step, c)`."""
+        self._need_model()
+        return LoadCounter(self.model)
+
+    @contextlib.contextmanager
+    def evaluate(self, step: int):
+        """Context manager: the load of every MoE layer summed over the forwards inside it (one
+        evaluation pass, e.g. the validation set), appended to `evaluations` on exit (one row per
+        layer: step, layer, load, forwards, max_violation = MaxVio_global, max_over_mean, cv).
+        Yields the LoadCounter; nothing is appended if the block raises."""
+        with self.count() as counter:
+            yield counter
+        rows = [dict(step=int(step), layer=name, forwards=counter.forwards[name], **load_row(load))
+                for name, load in counter.loads.items()]
+        self.evaluations.extend(rows)
+
+    def max_violation_global(self, step: int | None = None) -> dict[str, float]:
+        """{layer: MaxVio_global} of the evaluation pass at `step` (default: the last one)."""
+        if step is None:
+            step = max((row["step"] for row in self.evaluations), default=None)
+        return {row["layer"]: row["max_violation"] for row in self.evaluations if row["step"] == step}
+
+    def _need_model(self) -> None:
+        if self.model is None:
+            raise ValueError("this RoutingMonitor has no model to read (it was built from saved history)")
 
     def close(self) -> None:
         """Stop the gates computing their entropy (the history stays)."""
@@ -140,9 +217,31 @@ class RoutingMonitor:
         return list(dict.fromkeys(row["layer"] for row in self.history))
 
     def to_json(self, path, **extra) -> None:
-        """Write {"history": [...rows], **extra} to `path` (extra: what from_json read, then these)."""
+        """Write {"history": [...rows], "evaluations": [...rows], **extra} to `path` (extra: what
+        from_json read, then these)."""
         with open(path, "w") as f:
-            json.dump({**getattr(self, "extra", {}), **extra, "history": self.history}, f)
+            json.dump({**getattr(self, "extra", {}), **extra, "history": self.history,
+                       "evaluations": self.evaluations}, f)
+
+    def to_markdown(self, path=None) -> str:
+        """A table, one line per layer: steps recorded, mean and last MaxVio_batch, last max/mean
+        load, mean dropped fraction, MaxVio_global of the last evaluation pass. Written to `path` if given."""
+        last_eval = self.max_violation_global()
+        lines = ["| layer | steps | mean MaxVio_batch | last MaxVio_batch | last max/mean load | mean dropped "
+                 "| MaxVio_global (last eval) |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for layer in dict.fromkeys([*self.layers(), *last_eval]):
+            rows = [row for row in self.history if row["layer"] == layer]
+            vio = [row["max_violation"] for row in rows if row.get("max_violation") is not None]
+            dropped = [row["dropped_fraction"] for row in rows if row.get("dropped_fraction") is not None]
+            last = rows[-1] if rows else {}
+            lines.append(f"| {layer} | {len(rows)} | {_fmt(_mean(vio))} | {_fmt(last.get('max_violation'))} "
+                         f"| {_fmt(last.get('max_over_mean'))} | {_fmt(_mean(dropped))} "
+                         f"| {_fmt(last_eval.get(layer))} |")
+        text = "\n".join(lines) + "\n"
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text)
+        return text
 
     @property
     def last_step(self) -> int | None:
@@ -172,28 +271,32 @@ class RoutingMonitor:
             missing = [layer for layer in dict.fromkeys(row["layer"] for row in history) if layer not in names]
             if missing:
                 raise ValueError(f"{path}: the model has no layers named {missing}; resume with the model it recorded")
+        evaluations = data.get("evaluations", [])
+        if until_step is not None:
+            evaluations = [row for row in evaluations if row["step"] <= until_step]
         monitor = cls(model, entropy=entropy)
         monitor.history = history
-        monitor.extra = {key: value for key, value in data.items() if key != "history"}
+        monitor.evaluations = evaluations
+        monitor.extra = {key: value for key, value in data.items() if key not in ("history", "evaluations")}
         return monitor
 
-    def plot(self, path, title: str | None = None, layers: list[str] | None = None) -> None:
-        """PNG of the load heatmap (layers x experts, over steps) above max/mean load per layer."""
-        plot_routing({title or "routing": self.history}, path, layers=layers, title=title)
+    def plot(self, path, title: str | None = None, layers: list[str] | None = None,
+             metric: str = "max_violation") -> None:
+        """PNG of the load heatmap (layers x experts, over steps) above `metric` per layer (default
+        MaxVio_batch, with the evaluation passes' MaxVio_global as markers)."""
+        plot_routing({title or "routing": self.history}, path, layers=layers, title=title, metric=metric,
+                     evaluations={title or "routing": self.evaluations})
 
 
 def stats_row(step: int, layer: str, stats: RoutingStats, entropy: torch.Tensor | float | None = None) -> dict:
     """One history row from a layer's RoutingStats (and its gate's mean router entropy)."""
-    load = stats.load.cpu()
     bias = stats.bias
     return dict(
         step=int(step),
         layer=layer,
-        load=[int(v) for v in load.tolist()],
-        max_over_mean=_finite(stats.max_over_mean_load),
-        cv=_finite(load_cv(load)),
+        **load_row(stats.load),
         entropy=None if entropy is None else _finite(float(entropy)),
-        entropy_max=math.log(load.numel()),
+        entropy_max=math.log(stats.load.numel()),
         dropped_fraction=_finite(stats.dropped_fraction),
         bias_min=None if bias is None else float(bias.min()),
         bias_max=None if bias is None else float(bias.max()),
@@ -202,9 +305,72 @@ def stats_row(step: int, layer: str, stats: RoutingStats, entropy: torch.Tensor 
     )
 
 
+def load_row(load: torch.Tensor) -> dict:
+    """The row keys that depend on the load alone: load (list of E ints), max_violation, max_over_mean, cv."""
+    load = load.detach().cpu()
+    mean = load.double().mean()
+    return dict(
+        load=[int(v) for v in load.tolist()],
+        max_violation=max_violation(load),
+        max_over_mean=_finite(load.max() / mean) if mean > 0 else None,
+        cv=_finite(load_cv(load)),
+    )
+
+
+class LoadCounter:
+    """Context manager: sums the routed load [E] of every MoE layer of `model` over all forwards run
+    inside it (a forward hook per layer reads its `stats`). MoE layers are found by duck typing: a
+    module whose class has a `stats` property.
+
+        with LoadCounter(model) as counter:
+            for batch in batches: model(batch)
+        counter.loads        # {layer name: int64 [E] summed load}
+        counter.forwards     # {layer name: forwards counted}
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.loads: dict[str, torch.Tensor] = {}
+        self.forwards: dict[str, int] = {}
+        self._handles = []
+
+    def __enter__(self) -> LoadCounter:
+        for name, module in self.model.named_modules():
+            if isinstance(getattr(type(module), "stats", None), property):
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def _hook(self, name: str):
+        def add(module, args, output):
+            stats = module.stats
+            if not isinstance(stats, RoutingStats):
+                return
+            load = stats.load.detach().cpu().to(torch.int64)
+            self.loads[name] = load if name not in self.loads else self.loads[name] + load
+            self.forwards[name] = self.forwards.get(name, 0) + 1
+        return add
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def max_violation(self) -> dict[str, float]:
+        """{layer: MaxVio of its summed load}."""
+        return {name: max_violation(load) for name, load in self.loads.items()}
+
+
 def _finite(value: float) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 # ----------------------------------------------------------------------------- plots (data -> figure)
@@ -283,6 +449,7 @@ def draw_metric(ax, history: list[dict], metric: str = "max_over_mean", label: s
 
 
 METRIC_LABELS = {
+    "max_violation": "MaxVio (max - mean load) / mean",
     "max_over_mean": "max / mean expert load",
     "cv": "load coefficient of variation",
     "entropy": "router entropy (nats)",
@@ -291,9 +458,12 @@ METRIC_LABELS = {
 
 
 def plot_routing(runs: dict[str, list[dict]], path, layers: list[str] | None = None, title: str | None = None,
-                 metric: str = "max_over_mean", dpi: int = 110) -> None:
+                 metric: str = "max_over_mean", dpi: int = 110,
+                 evaluations: dict[str, list[dict]] | None = None) -> None:
     """PNG: one load heatmap per run (side by side, one shared colour scale) above one panel with
-    `metric` over steps for every run (line: mean over layers, band: best to worst layer)."""
+    `metric` over steps for every run (line: mean over layers, band: best to worst layer).
+    evaluations: {run: RoutingMonitor.evaluations rows}; their `metric` (mean over layers) is drawn
+    as markers, e.g. MaxVio_global beside the training MaxVio_batch."""
     import numpy as np
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
@@ -317,11 +487,19 @@ def plot_routing(runs: dict[str, list[dict]], path, layers: list[str] | None = N
     fig.colorbar(mesh, ax=fig.axes, location="right", shrink=0.9, label="expert load / mean load (1 = balanced)")
     ax = fig.add_subplot(grid[1, :])
     for name in names:
-        draw_metric(ax, runs[name], metric, label=name if len(names) > 1 else None)
+        line = draw_metric(ax, runs[name], metric, label=name if len(names) > 1 else None)
+        evals = [row for row in (evaluations or {}).get(name, []) if row.get(metric) is not None]
+        if evals:
+            steps = sorted({row["step"] for row in evals})
+            means = [float(np.mean([r[metric] for r in evals if r["step"] == s])) for s in steps]
+            ax.plot(steps, means, marker="D", linestyle="none", color=line.get_color(),
+                    label=f"{name}: evaluation pass (global)" if len(names) > 1 else "evaluation pass (global)")
     if metric == "max_over_mean":
         ax.axhline(1.0, color="gray", linestyle=":", linewidth=1)
+    if metric == "max_violation":
+        ax.axhline(0.0, color="gray", linestyle=":", linewidth=1)
     ax.set_title(f"{METRIC_LABELS.get(metric, metric)}: mean over layers, band from best to worst layer", fontsize=10)
-    if len(names) > 1:
+    if ax.get_legend_handles_labels()[0]:
         ax.legend()
     ax.grid(alpha=0.3)
     if title:
