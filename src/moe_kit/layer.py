@@ -53,8 +53,6 @@ class MoELayer(nn.Module):
         if ep_group is not None:
             expert_slice(cfg.num_experts, ep_group)  # clear errors first: no process group, E % W != 0
             check_same_config(dict(cfg.to_dict(), layer_id=layer_id), ep_group)
-            if any(kind == "global_batch" for kind, _ in cfg.aux_losses):
-                raise ValueError("aux_loss_type 'global_batch' is not supported with ep_group yet; use 'global'")
         self.gate = make_gate(cfg, layer_id)
         if ep_group is None:
             self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size,
@@ -203,19 +201,24 @@ class MoELayer(nn.Module):
         """Routed experts across ep_group (capacity, if any, per expert over the group); marked [N, k]
         holds id E for padding."""
         dtype = x_flat.dtype
+        # DTensor experts (moe_kit.distributed.parallelize) run on this rank's local shard
+        local = {name: t.to_local() if hasattr(t, "to_local") else t
+                 for name, t in dict(gate_up_proj=self.experts.gate_up_proj, down_proj=self.experts.down_proj,
+                                     **self.experts.biases()).items()}
         result = ep_moe_ffn(
             x_flat,
             weights,
             marked,
-            cast(self.experts.gate_up_proj, dtype),
-            cast(self.experts.down_proj, dtype),
+            cast(local.pop("gate_up_proj"), dtype),
+            cast(local.pop("down_proj"), dtype),
             self.ep_group,
             self.cfg.backend,
             self.cfg.swiglu_limit,
             None if self.gate.marks_unrouted else self.cfg.capacity_factor,
             self.cfg.drop_policy,
             self.cfg.activation,
-            **self.experts.biases(dtype),  # this rank's experts' biases, None unless cfg.expert_proj_bias
+            # this rank's experts' biases, None unless cfg.expert_proj_bias
+            **{name: None if t is None else cast(t, dtype) for name, t in local.items()},
         )
         self._remember(marked, result.dropped, mask, load=result.load.detach(), slots=result.num_slots)
         return result.out
