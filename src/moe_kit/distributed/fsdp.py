@@ -28,6 +28,7 @@ M micro-batches call set_aux_loss_scale(model, ep / M) afterwards.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -75,15 +76,24 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool 
         layer.gate.loss_scale = float(ep_size)  # see the module doc: balancing-loss gradients
     whole = mesh._flatten("dp_ep") if ep_size > 1 and dp_mesh.size() > 1 else (
         ep_mesh if dp_mesh.size() == 1 else dp_mesh)  # a 1-D mesh of all W ranks
+    unsharded = set()  # dp = 1: expert parameters FSDP leaves alone (nothing to reduce over dp)
     for layer in layers:
         # the gate and shared experts shard over all ranks; what is left in the layer's own unit
         # are the experts, sharded over dp, their gradient divided by W (not dp)
         fully_shard(layer.gate, mesh=whole, reshard_after_forward=reshard_after_forward)
         if layer.shared_experts is not None:
             fully_shard(layer.shared_experts, mesh=whole, reshard_after_forward=reshard_after_forward)
-        fully_shard(layer, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
-        layer.set_gradient_divide_factor(float(world))
-    fully_shard(model, mesh=whole, reshard_after_forward=reshard_after_forward)
+        if dp_mesh.size() > 1:
+            fully_shard(layer, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+            layer.set_gradient_divide_factor(float(world))
+        else:
+            # FSDP2 on a 1-rank mesh divides float64 / float16 gradients twice (torch 2.13: the
+            # pre-divide factor and then the divide factor): keep the experts out of FSDP and divide
+            # their gradient by W here
+            for param in layer.experts.parameters():
+                unsharded.add(param)
+                param.register_hook(functools.partial(torch.div, other=float(world)))
+    fully_shard(model, mesh=whole, reshard_after_forward=reshard_after_forward, ignored_params=unsharded or None)
     return model
 
 
