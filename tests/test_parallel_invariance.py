@@ -173,6 +173,7 @@ def _rank_main(rank: int, world: int, layout: str, ckpt: str) -> dict:
             results["full_state_dict"] = _state_dict(model)
             dcp.save(_sharded(model), checkpoint_id=os.path.join(ckpt, layout))
     if layout == "ep2":
+        results["mesh_errors"] = _mesh_errors()
         results["sent"] = _sent_bytes(parallelize(build("softmax-gb-z/none/mask"), mesh), rank, world)
     if layout == "dp2ep2":
         results["bug_grads"] = _expert_grads_with_dp_divide(mesh, rank, world)
@@ -184,6 +185,21 @@ def _rank_main(rank: int, world: int, layout: str, ckpt: str) -> dict:
             if source == "dp2ep2":
                 dcp.save(_sharded(model), checkpoint_id=os.path.join(ckpt, "dp2ep2_as_ep4"))
     return results
+
+
+def _mesh_errors() -> list[str]:
+    """parallelize's messages for meshes that are not ("dp", "ep")."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from moe_kit.distributed import parallelize
+
+    messages = []
+    for shape, names in (((1, 2), ("data", "expert")), ((2,), ("ep",))):
+        try:
+            parallelize(build(CKPT_CASE), init_device_mesh("cpu", shape, mesh_dim_names=names))
+        except ValueError as error:
+            messages.append(str(error))
+    return messages
 
 
 def _sharded(model):
@@ -397,3 +413,40 @@ def test_all_to_all_bytes_match_the_formula(runs):
     real = sum(s["real_tokens"] for s in sent)
     assert sum(s["sent"] for s in sent) == 2 * top_k * real * D * 8
     assert all(s["sent"] > 0 for s in sent)
+
+
+def test_parallelize_rejects_a_mesh_not_named_dp_ep(runs):
+    for rank in runs["ep2"]:
+        assert len(rank["mesh_errors"]) == 2
+        assert all("('dp', 'ep')" in message for message in rank["mesh_errors"])
+
+
+def _example_rank(rank: int, world: int, ckpt: str) -> float:
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    import train_parallel
+
+    return train_parallel.main(["--dp", "1", "--ep", "2", "--steps", "2", "--batch", "2", "--seq", "16",
+                                "--ckpt", ckpt])
+
+
+def test_train_parallel_example(tmp_path):
+    """examples/train_parallel.py on 2 ranks (ep 2): trains, and its DCP checkpoint loads in one process."""
+    import sys
+
+    import torch.distributed.checkpoint as dcp
+
+    ckpt = str(tmp_path / "ckpt")
+    losses = run_ranks(functools.partial(_example_rank, ckpt=ckpt), 2, tmp_path)
+    assert all(0 < loss < 10 for loss in losses)
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    import train_parallel
+
+    model = train_parallel.build_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    dcp.load(state, checkpoint_id=ckpt, no_dist=True)
+    initial = model.state_dict()
+    assert not torch.equal(state["blocks.1.mlp.experts.down_proj"], initial["blocks.1.mlp.experts.down_proj"])
+    assert state["blocks.0.mlp.gate.expert_bias"].abs().sum() > 0  # 2 bias steps, restored too
+    model.load_state_dict(state)  # every key, full [E, ...] experts

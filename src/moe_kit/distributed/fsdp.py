@@ -94,6 +94,10 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool 
                 unsharded.add(param)
                 param.register_hook(functools.partial(torch.div, other=float(world)))
     fully_shard(model, mesh=whole, reshard_after_forward=reshard_after_forward, ignored_params=unsharded or None)
+    if dist.get_backend(group) == "gloo":  # gloo has neither AVG nor PREMUL_SUM: sum, then divide
+        for module in model.modules():
+            if hasattr(module, "set_force_sum_reduction_for_comms"):
+                module.set_force_sum_reduction_for_comms(True)
     return model
 
 
