@@ -177,6 +177,7 @@ def _rank_main(rank: int, world: int, layout: str, ckpt: str) -> dict:
         results["sent"] = _sent_bytes(parallelize(build("softmax-gb-z/none/mask"), mesh), rank, world)
     if layout == "dp2ep2":
         results["bug_grads"] = _expert_grads_with_dp_divide(mesh, rank, world)
+        results["clipped"] = _clip_twice(mesh, rank, world)
     if layout == "ep4":  # reshard: EP 2 -> EP 4, dp x ep (2, 2) -> (1, 4), then save for one process
         for source in ("ep2", "dp2ep2"):
             model = wrap(build(CKPT_CASE))
@@ -230,6 +231,18 @@ def _sent_bytes(model, rank, world):
     return dict(sent=seen[0], real_tokens=int(mask.sum()))
 
 
+def _clip_twice(mesh, rank, world):
+    """clip_grad_norm_ to half the norm, then the norm of what is left."""
+    from moe_kit.distributed import clip_grad_norm_, parallelize
+
+    model = parallelize(build(BUG_CASE), mesh)
+    x, ids, mask, target = (_rows(t, rank * (B // world), B // world) for t in batch(BUG_CASE, 0))
+    loss_of(model(x, ids, mask), target).backward()
+    first = float(clip_grad_norm_(model, 1e9))
+    clip_grad_norm_(model, first / 2)
+    return first, float(clip_grad_norm_(model, 1e9))
+
+
 def _expert_grads_with_dp_divide(mesh, rank, world):
     """The classic bug: FSDP's default divide factor (dp) on the expert parameters."""
     from moe_kit.distributed import parallelize
@@ -251,7 +264,13 @@ def reference(name: str, layout: str) -> dict:
     dp, ep = (world, 1) if shape is None else shape
     cfg_kw = CASES[name][0]
     per_rank = cfg_kw.get("routing") in PER_RANK_ROUTING
-    unit_rows = B // world if per_rank else B // dp
+    return dict(_reference(name, B // world if per_rank else B // dp, dp), ep=ep)
+
+
+@functools.cache
+def _reference(name: str, unit_rows: int, dp: int) -> dict:
+    """reference() for units of `unit_rows` sequences, balancing-loss gradients times 1/dp (cached:
+    several layouts share units; callers do not modify the result)."""
     units = B // unit_rows
     model = build(name)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
@@ -287,7 +306,7 @@ def reference(name: str, layout: str) -> dict:
         bias = None if layer.gate.expert_bias is None else layer.gate.expert_bias.clone()
         steps.append(dict(out=torch.cat(outs), grads=grads, norm=norm, aux=auxes, z=zs, loads=loads, bias=bias))
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return dict(steps=steps, params=params, state_dict=model.state_dict(), unit_rows=unit_rows, ep=ep)
+    return dict(steps=steps, params=params, state_dict=model.state_dict(), unit_rows=unit_rows)
 
 
 def rel(a, b) -> float:
@@ -450,3 +469,11 @@ def test_train_parallel_example(tmp_path):
     assert not torch.equal(state["blocks.1.mlp.experts.down_proj"], initial["blocks.1.mlp.experts.down_proj"])
     assert state["blocks.0.mlp.gate.expert_bias"].abs().sum() > 0  # 2 bias steps, restored too
     model.load_state_dict(state)  # every key, full [E, ...] experts
+
+
+def test_clip_grad_norm_clips_to_the_single_process_norm(runs):
+    want = reference(BUG_CASE, "dp2ep2")["steps"][0]["norm"]
+    for rank in runs["dp2ep2"]:
+        first, after = rank["clipped"]
+        assert abs(first - want) <= TOL * want
+        assert abs(after - want / 2) <= 1e-5 * want
