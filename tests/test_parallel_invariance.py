@@ -210,9 +210,15 @@ def _sharded(model):
 
 
 def _sent_bytes(model, rank, world):
-    """Bytes of token payload this rank sent in one forward's all-to-alls (both directions), read
-    from the plan's send / receive splits (the dispatcher's own count replaces this)."""
+    """Bytes of token payload this rank sent in one forward's all-to-alls (both directions): the
+    dispatcher's count `layer.dispatcher.sent_bytes`; until the layer has a dispatcher, read from
+    the plan's send / receive splits."""
     import moe_kit.layer as layer_module
+
+    x, ids, mask, _ = (_rows(t, rank * (B // world), B // world) for t in batch("softmax-gb-z/none/mask", 0))
+    if hasattr(model.moe, "dispatcher"):
+        model(x, ids, mask)
+        return dict(sent=int(model.moe.dispatcher.sent_bytes), real_tokens=int(mask.sum()))
 
     seen = []
     original = layer_module.ep_moe_ffn
@@ -224,7 +230,6 @@ def _sent_bytes(model, rank, world):
 
     layer_module.ep_moe_ffn = spy
     try:
-        x, ids, mask, _ = (_rows(t, rank * (B // world), B // world) for t in batch("softmax-gb-z/none/mask", 0))
         model(x, ids, mask)
     finally:
         layer_module.ep_moe_ffn = original
