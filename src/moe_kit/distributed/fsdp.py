@@ -65,6 +65,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool 
     already given an ep_group, or num_experts not divisible by the ep size.
     """
     check_mesh(mesh)
+    if isinstance(model, MoELayer):
+        raise ValueError("parallelize needs the model around the MoELayer (the layer is its own FSDP unit)")
     ep_mesh, dp_mesh = mesh["ep"], mesh["dp"]
     ep_size, world = ep_mesh.size(), mesh.size()
     group = ep_mesh.get_group()
