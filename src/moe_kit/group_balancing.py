@@ -8,6 +8,12 @@ One process holding the concatenated batch computes
     z   = (1/N) sum_n logsumexp(logits_n)^2
     seq = (1/B) sum_b E * sum_i f_{b,i} P_{b,i}      (aux_loss_type "sequence": f, P per sequence)
 (sequence_aux_norm "megatron": seq = (B / N^2) sum_b L_b^2 E sum_i f_{b,i} P_{b,i}, L_b real tokens of b)
+    gb  = E * sum_i g_i * P_i                         (aux_loss_type "global_batch")
+with g [E] the share of routed slots per expert over every micro-batch of the optimizer step and
+every rank of the default group (Router._global_batch_share, already all-reduced), and P the mean
+normalized score over the EP group's tokens of this micro-batch: gb_r = E * sum_i g_i * (1/N)
+sum_{n on r} p_{n,i}. So under EP, "global_batch" is one process's global_batch loss on the EP
+group's micro-batch given the world's counts (on a (1, W) mesh: one process on the global batch).
 Here each rank all-reduces the detached pieces it cannot see (counts, N, B, and the partial sums
 for the logged values) once, then attaches its share:
     aux_r = E * sum_i f_i * (1/N) sum_{n on r} p_{n,i}     z_r = (1/N) sum_{n on r} lse_n^2
@@ -26,17 +32,19 @@ from moe_kit.balancing import normalized_scores, real_lengths, sequence_aux_loss
 from moe_kit.config import MoEConfig
 
 
-def group_balancing_losses(cfg: MoEConfig, scores, indices, logits, batch_shape, group, token_mask=None):
+def group_balancing_losses(cfg: MoEConfig, scores, indices, logits, batch_shape, group, token_mask=None,
+                           global_share=None):
     """scores/logits [N_r, E] (router dtype), indices [N_r, k] (the plain top-k of the scores),
     batch_shape (B_r, S) or (N_r,), token_mask bool [N_r] or None (False = padding, left out).
 
     Returns (aux value, z value, this rank's loss term), each times its coefficient: the values are
     detached group-wide tensors (None when off), the term is None when both losses are off.
-    cfg.aux_losses may hold "global" and "sequence" (summed, each times its coefficient).
+    cfg.aux_losses may hold "global", "sequence" and "global_batch" (summed, each times its
+    coefficient); "global_batch" needs global_share, float [E]: the step's slot share per expert.
     """
     kinds = dict(cfg.aux_losses)  # {aux_loss_type: coef}
-    if "global_batch" in kinds:
-        raise ValueError("aux_loss_type 'global_batch' is not supported with ep_group yet; use 'global'")
+    if "global_batch" in kinds and global_share is None:
+        raise ValueError("aux_loss_type 'global_batch' needs global_share (Router._global_batch_share)")
     want_z = cfg.z_loss_coef > 0
     if not (kinds or want_z):
         return None, None, None
@@ -54,10 +62,11 @@ def group_balancing_losses(cfg: MoEConfig, scores, indices, logits, batch_shape,
         terms["sequence"] = losses.sum()
         pieces["sequence"] = terms["sequence"].detach().reshape(1)
         pieces["sequences"] = counted.sum().reshape(1)
-    if "global" in kinds:
+    if "global" in kinds or "global_batch" in kinds:
         probs = normalized_scores(scores) * real.unsqueeze(1)  # [N_r, E]
         terms["probs"] = probs.sum(dim=0)  # [E]
         pieces["probs"] = terms["probs"].detach()
+    if "global" in kinds:
         weight = slot_weights(indices, token_mask, scores.dtype)
         pieces["slots"] = torch.zeros_like(pieces["probs"]).scatter_add_(0, indices.reshape(-1), weight)
     if want_z:
@@ -78,6 +87,10 @@ def group_balancing_losses(cfg: MoEConfig, scores, indices, logits, batch_shape,
         share = total["slots"] / (tokens * cfg.top_k)  # f [E]
         values.append(kinds["global"] * num_experts * (share * total["probs"]).sum() / tokens)
         parts.append(kinds["global"] * num_experts * (share * terms["probs"]).sum() / tokens)
+    if "global_batch" in kinds:
+        share = global_share.to(scores.dtype)
+        values.append(kinds["global_batch"] * num_experts * (share * total["probs"]).sum() / tokens)
+        parts.append(kinds["global_batch"] * num_experts * (share * terms["probs"]).sum() / tokens)
     if values:
         aux_value, term = sum(values[1:], values[0]), sum(parts[1:], parts[0])
     if want_z:

@@ -50,8 +50,6 @@ class MoELayer(nn.Module):
         if ep_group is not None:
             expert_slice(cfg.num_experts, ep_group)  # clear errors first: no process group, E % W != 0
             check_same_config(dict(cfg.to_dict(), layer_id=layer_id), ep_group)
-            if any(kind == "global_batch" for kind, _ in cfg.aux_losses):
-                raise ValueError("aux_loss_type 'global_batch' is not supported with ep_group yet; use 'global'")
         self.gate = make_gate(cfg, layer_id)
         if ep_group is None:
             self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size,

@@ -237,8 +237,11 @@ class Router(nn.Module):
         if aux_indices is None:
             aux_indices = scores.detach().topk(self.top_k, dim=-1).indices  # [N, k]
         if self.process_group is not None:  # expert parallel: every rank joins, even with no tokens
+            share = None
+            if any(kind == "global_batch" for kind, _ in pairs):
+                share = self._global_batch_share(aux_indices, mask, scores)
             self.aux_loss, self.z_loss, total = group_balancing_losses(
-                cfg, scores, aux_indices, logits, batch_shape, self.process_group, mask
+                cfg, scores, aux_indices, logits, batch_shape, self.process_group, mask, share
             )
             return total
         if scores.shape[0] == 0:  # no tokens: nothing to balance

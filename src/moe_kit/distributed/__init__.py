@@ -1,5 +1,8 @@
 """Expert parallelism, the user's side: DP x EP process groups, gradient all-reduce, checkpoints.
 
+FSDP2 x EP on a DeviceMesh ("dp", "ep"): `parallelize(model, mesh)` and `clip_grad_norm_`
+(moe_kit.distributed.fsdp); what follows here is the hand-rolled DDP x EP path.
+
 The layer does the exchange (`MoELayer(cfg, ep_group=group)`, built on `moe_kit.ep`); this top-floor
 module (it imports layer, nothing imports it) holds what a training script needs around it.
 
@@ -32,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moe_kit.distributed.fsdp import check_mesh, clip_grad_norm_, parallelize  # noqa: F401 (re-exported)
 from moe_kit.ep import expert_slice
 from moe_kit.layer import MoELayer
 
