@@ -28,7 +28,6 @@ from gloo_ranks import run_ranks
 from torch import nn
 
 import moe_kit
-import moe_kit.gates.router as router_module
 from moe_kit import MoEConfig, MoELayer
 
 D, INTER, B, S, STEPS, LR = 16, 12, 4, 6, 3, 1e-2
@@ -263,28 +262,32 @@ def _reference(name: str, unit_rows: int, dp: int) -> dict:
     layer = model.moe
     layer.gate.loss_scale = 1.0 / dp
     steps = []
-    add_counts = router_module.add_global_batch_counts
+    global_batch = any(kind == "global_batch" for kind, _ in layer.cfg.aux_losses)
     for step in range(STEPS):
         x, ids, mask, target = batch(name, step)
         opt.zero_grad()
-        if any(kind == "global_batch" for kind, _ in layer.cfg.aux_losses):
+        own = []  # global_batch: each unit's own counts, so that every unit sees the whole step's
+        if global_batch:
             with torch.no_grad():  # f of global_batch: every unit's counts, before any unit's loss
                 for u in range(units):
+                    before = torch.zeros(0) if layer.gate.global_batch_counts is None else \
+                        layer.gate.global_batch_counts.clone()
                     model(*(_rows(t, u * unit_rows, unit_rows) for t in (x, ids, mask)))
-            router_module.add_global_batch_counts = lambda state, counts: None
+                    after = layer.gate.global_batch_counts.clone()
+                    own.append(after - before if before.numel() else after)
+            total = layer.gate.global_batch_counts.clone()
         outs, auxes, zs, loads = [], [], [], []
-        try:
-            for u in range(units):
-                xu, idu, mu, tu = (_rows(t, u * unit_rows, unit_rows) for t in (x, ids, mask, target))
-                out = model(xu, idu, mu)
-                (loss_of(out, tu) / units).backward()
-                stats = layer.stats
-                outs.append(out.detach())
-                auxes.append(stats.aux_loss)
-                zs.append(stats.z_loss)
-                loads.append(stats.load.clone())
-        finally:
-            router_module.add_global_batch_counts = add_counts
+        for u in range(units):
+            xu, idu, mu, tu = (_rows(t, u * unit_rows, unit_rows) for t in (x, ids, mask, target))
+            if global_batch:  # this forward adds its own counts back: the state is the step's total
+                layer.gate.global_batch_counts = total - own[u]
+            out = model(xu, idu, mu)
+            (loss_of(out, tu) / units).backward()
+            stats = layer.stats
+            outs.append(out.detach())
+            auxes.append(stats.aux_loss)
+            zs.append(stats.z_loss)
+            loads.append(stats.load.clone())
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
         norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9))
         opt.step()

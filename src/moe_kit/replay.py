@@ -108,24 +108,17 @@ def replay_routing(model: nn.Module, record: dict):
 
 def _check_indices(name: str, layer: MoELayer, x: torch.Tensor, indices) -> torch.Tensor:
     """Recorded indices -> int64 on x's device, checked against this forward (ValueError naming the
-    layer): shape, dtype, expert range, and no expert twice in one token's row."""
+    layer): dtype, the shape and expert range the gate's routing scheme allows
+    (gate.routing_problem), and no expert twice in one token's row."""
     if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.dtype == torch.bool:
         raise ValueError(f"replay_routing: layer {name!r}: recorded indices must be an integer tensor")
     num_tokens = x[..., 0].numel() if x.dim() else 0
-    num_experts = layer.cfg.num_experts
-    marks = layer.gate.marks_unrouted
-    k_ok = indices.dim() == 2 and (indices.shape[1] >= 1 if marks else indices.shape[1] == layer.gate.top_k)
-    if not k_ok or indices.shape[0] != num_tokens:
-        want = f"[{num_tokens}, K]" if marks else f"[{num_tokens}, {layer.gate.top_k}]"
-        raise ValueError(
-            f"replay_routing: layer {name!r} recorded indices of shape {tuple(indices.shape)}, "
-            f"this forward needs {want}"
-        )
     indices = indices.to(device=x.device, dtype=torch.long)
-    high = num_experts if marks else num_experts - 1  # E marks "no expert" where the gate uses it
-    if indices.numel() and not torch.compiler.is_compiling() and bool(((indices < 0) | (indices > high)).any()):
-        raise ValueError(f"replay_routing: layer {name!r} recorded expert ids outside 0..{high}")
-    if indices.shape[1] > 1 and indices.numel() and not torch.compiler.is_compiling():
+    problem = layer.gate.routing_problem(indices, num_tokens)
+    if problem is not None:
+        raise ValueError(f"replay_routing: layer {name!r} recorded {problem}")
+    num_experts = layer.cfg.num_experts
+    if indices.dim() == 2 and indices.shape[1] > 1 and indices.numel() and not torch.compiler.is_compiling():
         ids = indices.sort(dim=1).values  # a repeated expert would run twice for one token
         repeated = (ids[:, 1:] == ids[:, :-1]) & (ids[:, 1:] < num_experts)  # E ("no expert") may repeat
         if bool(repeated.any()):
@@ -136,8 +129,4 @@ def _check_indices(name: str, layer: MoELayer, x: torch.Tensor, indices) -> torc
 def replay_weights(gate: nn.Module, x: torch.Tensor, indices: torch.Tensor, token_mask=None) -> torch.Tensor:
     """Routing weights [N, k] for given indices [N, k]: the gate's current scores at those experts,
     normalized and scaled as its forward does, with the balancing losses computed and attached."""
-    own = getattr(gate, "replay_weights", None)
-    if own is not None:  # gates whose indices may carry the marker E
-        return own(x, indices, token_mask)
-    scores, logits, batch_shape, mask = gate._score(x, token_mask)
-    return gate._finish_weights(scores, indices, logits, batch_shape, mask)
+    return gate.replay_weights(x, indices, token_mask)

@@ -114,7 +114,6 @@ def _make_expert_parallel(layer: MoELayer, ep_mesh: DeviceMesh, group) -> None:
         setattr(layer.experts, name, nn.Parameter(shard, requires_grad=param.requires_grad))
     layer.ep_group = group
     layer.gate.process_group = group
-    layer._inference_ready = False  # the CPU inference path is a single-process path
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ import torch
 from moe_kit.balancing import SUM_FLOOR
 from moe_kit.capacity_rule import capacity_of, decimal_ratio
 from moe_kit.config import MoEConfig, register_scheme_check
-from moe_kit.gates.router import Router
+from moe_kit.gates.router import Router, ids_outside
 from moe_kit.stats import score_entropy
 
 
@@ -71,6 +71,12 @@ class ExpertChoiceGate(Router):
         """None: the experts' choice already is the capacity (each expert takes C tokens); the
         dispatcher adds none."""
         return None
+
+    def routing_problem(self, indices: torch.Tensor, num_tokens: int) -> str | None:
+        """Expert choice routes [N, K] (any K >= 1) with E marking a slot no expert took."""
+        if indices.dim() != 2 or indices.shape[0] != num_tokens or indices.shape[1] < 1:
+            return f"indices of shape {tuple(indices.shape)}, this forward needs [{num_tokens}, K]"
+        return ids_outside(indices, self.num_experts)
 
     def replay_weights(self, x: torch.Tensor, indices: torch.Tensor, token_mask: torch.Tensor | None = None):
         """Weights [N, K] for given indices [N, K] (E = no expert) from the current scores (routing replay)."""

@@ -135,6 +135,19 @@ class Router(nn.Module):
         cfg = self.cfg
         return CapacityRule.of(cfg.capacity_factor, cfg.drop_policy, cfg.pad_to_capacity)
 
+    def routing_problem(self, indices: torch.Tensor, num_tokens: int) -> str | None:
+        """Why int64 `indices` cannot be this gate's routing of `num_tokens` tokens (routing replay),
+        or None: a token-choice routing is [N, top_k] with expert ids in 0..E-1."""
+        if indices.dim() != 2 or tuple(indices.shape) != (num_tokens, self.top_k):
+            return f"indices of shape {tuple(indices.shape)}, this forward needs [{num_tokens}, {self.top_k}]"
+        return ids_outside(indices, self.num_experts - 1)
+
+    def replay_weights(self, x: torch.Tensor, indices: torch.Tensor, token_mask=None) -> torch.Tensor:
+        """Weights [N, k] for given indices [N, k] (routing replay): the current scores at those
+        experts, normalized and scaled as forward does, balancing losses computed and attached."""
+        scores, logits, batch_shape, mask = self._score(x, token_mask)
+        return self._finish_weights(scores, indices, logits, batch_shape, mask)
+
     def scheme_name(self) -> str:
         """A short name of the routing, for reprs: the score function (hash routing: "hash")."""
         return self.cfg.score_func
@@ -330,6 +343,13 @@ def _share_of(state: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """f [E] from the step's counts state [E + 1] (this batch's counts [E + 1] while the step has none)."""
     counted = torch.where(state[-1] > 0, state, counts)
     return counted[:-1] / counted[-1].clamp_min(1)
+
+
+def ids_outside(indices: torch.Tensor, high: int) -> str | None:
+    """A message when some id of `indices` lies outside 0..high (not checked while compiling)."""
+    if indices.numel() and not torch.compiler.is_compiling() and bool(((indices < 0) | (indices > high)).any()):
+        return f"expert ids outside 0..{high}"
+    return None
 
 
 @torch.library.custom_op("moe_kit::global_batch_share", mutates_args=("state",))
