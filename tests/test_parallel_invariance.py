@@ -234,7 +234,7 @@ def _expert_grads_with_dp_divide(mesh, rank, world):
 
     name = BUG_CASE
     model = parallelize(build(name), mesh)
-    model.moe.set_gradient_divide_factor(float(mesh["dp"].size()))
+    model.moe.experts.set_gradient_divide_factor(float(mesh["dp"].size()))
     x, ids, mask, target = (_rows(t, rank * (B // world), B // world) for t in batch(name, 0))
     loss_of(model(x, ids, mask), target).backward()
     return {n: _full(p.grad) for n, p in _names(model) if ".experts." in n}

@@ -65,8 +65,6 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool 
     already given an ep_group, or num_experts not divisible by the ep size.
     """
     check_mesh(mesh)
-    if isinstance(model, MoELayer):
-        raise ValueError("parallelize needs the model around the MoELayer (the layer is its own FSDP unit)")
     ep_mesh, dp_mesh = mesh["ep"], mesh["dp"]
     ep_size, world = ep_mesh.size(), mesh.size()
     group = ep_mesh.get_group()
@@ -80,14 +78,11 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool 
         ep_mesh if dp_mesh.size() == 1 else dp_mesh)  # a 1-D mesh of all W ranks
     unsharded = set()  # dp = 1: expert parameters FSDP leaves alone (nothing to reduce over dp)
     for layer in layers:
-        # the gate and shared experts shard over all ranks; what is left in the layer's own unit
-        # are the experts, sharded over dp, their gradient divided by W (not dp)
-        fully_shard(layer.gate, mesh=whole, reshard_after_forward=reshard_after_forward)
-        if layer.shared_experts is not None:
-            fully_shard(layer.shared_experts, mesh=whole, reshard_after_forward=reshard_after_forward)
+        # the experts are their own unit (GroupedExperts.forward runs them), sharded over dp, their
+        # gradient divided by W (not dp); the gate and shared experts go with the rest of the model
         if dp_mesh.size() > 1:
-            fully_shard(layer, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
-            layer.set_gradient_divide_factor(float(world))
+            fully_shard(layer.experts, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+            layer.experts.set_gradient_divide_factor(float(world))
         else:
             # FSDP2 on a 1-rank mesh divides float64 / float16 gradients twice (torch 2.13: the
             # pre-divide factor and then the divide factor): keep the experts out of FSDP and divide
