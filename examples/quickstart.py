@@ -67,12 +67,13 @@ def synthetic_batches(vocab: int, batch: int, seq: int, generator: torch.Generat
         yield ids[:, :-1], ids[:, 1:]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
-    args = parser.parse_args(argv)
+VOCAB = 256
+
+
+def build_model() -> TinyMoELM:
+    """The quickstart model (seed 0): a DeepSeek-style layer and a Switch-style layer."""
     torch.manual_seed(0)
-    vocab, dim, heads = 256, 128, 4
+    dim, heads = 128, 4
     deepseek_style = MoEConfig(
         hidden_size=dim, intermediate_size=64, num_experts=16, top_k=2,
         num_shared_experts=1, score_func="sigmoid", expert_bias=True, bias_update_rate=1e-2,
@@ -81,9 +82,16 @@ def main(argv=None):
         hidden_size=dim, intermediate_size=64, num_experts=16, top_k=2,
         score_func="softmax", aux_loss_coef=1e-2, z_loss_coef=1e-3, capacity_factor=1.25,
     )
-    model = TinyMoELM(vocab, dim, heads, [MoELayer(deepseek_style, 0), MoELayer(switch_style, 1)])
+    return TinyMoELM(VOCAB, dim, heads, [MoELayer(deepseek_style, 0), MoELayer(switch_style, 1)])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60)
+    args = parser.parse_args(argv)
+    model = build_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    batches = synthetic_batches(vocab, batch=16, seq=64, generator=torch.Generator().manual_seed(0))
+    batches = synthetic_batches(VOCAB, batch=16, seq=64, generator=torch.Generator().manual_seed(0))
 
     start = time.perf_counter()
     for step in range(1, args.steps + 1):

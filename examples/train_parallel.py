@@ -22,28 +22,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from quickstart import TinyMoELM, synthetic_batches
+from quickstart import VOCAB, build_model, synthetic_batches
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 
 import moe_kit
-from moe_kit import MoEConfig, MoELayer
 from moe_kit.distributed import clip_grad_norm_, parallelize
-
-
-def build_model() -> TinyMoELM:
-    """examples/quickstart.py's model: a DeepSeek-style layer and a Switch-style layer."""
-    torch.manual_seed(0)
-    vocab, dim, heads = 256, 128, 4
-    deepseek_style = MoEConfig(
-        hidden_size=dim, intermediate_size=64, num_experts=16, top_k=2,
-        num_shared_experts=1, score_func="sigmoid", expert_bias=True, bias_update_rate=1e-2,
-    )
-    switch_style = MoEConfig(
-        hidden_size=dim, intermediate_size=64, num_experts=16, top_k=2,
-        score_func="softmax", aux_loss_coef=1e-2, z_loss_coef=1e-3, capacity_factor=1.25,
-    )
-    return TinyMoELM(vocab, dim, heads, [MoELayer(deepseek_style, 0), MoELayer(switch_style, 1)])
 
 
 def main(argv=None) -> float:
@@ -71,7 +55,7 @@ def main(argv=None) -> float:
 
     model = parallelize(build_model().to(device), mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    stream = synthetic_batches(256, batch=args.batch, seq=args.seq, generator=torch.Generator().manual_seed(0))
+    stream = synthetic_batches(VOCAB, batch=args.batch, seq=args.seq, generator=torch.Generator().manual_seed(0))
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"{world} ranks: dp {args.dp} x ep {ep} on {device.type}; {args.batch} x {args.seq} tokens per rank")
 

@@ -16,3 +16,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
     diff = (a - b).norm().item()
     ref = max(b.norm().item(), floor)
     return diff / ref if ref > 0 else diff
+
+
+class BmmShapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the batch shape [B, M, K] of every bmm's first operand (the padded expert GEMMs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.bmm.default:
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))

@@ -11,6 +11,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from conftest import BmmShapes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -156,19 +157,6 @@ def test_position_policy_drops_the_last_positions_of_every_sequence():
     assert torch.equal(kept, torch.tensor([[True, False, False, False], [True, False, False, False]]))
 
 
-class _BmmShapes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the batch shape [B, M, K] of every bmm's first operand."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.bmm.default:
-            self.shapes.append(tuple(args[0].shape))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("masked", [False, True], ids=["all-real", "token-mask"])
 def test_pad_to_capacity_runs_static_expert_batches_with_the_same_result(masked):
     """pad_to_capacity (Megatron's moe_pad_expert_input_to_capacity): every expert GEMM, forward and
@@ -185,7 +173,7 @@ def test_pad_to_capacity_runs_static_expert_batches_with_the_same_result(masked)
     results = []
     for layer in (plain, padded):
         xx = x.clone().requires_grad_(True)
-        with _BmmShapes() as seen:
+        with BmmShapes() as seen:
             out = layer(xx, token_mask=mask)
             out.square().sum().backward()
         results.append((out, [xx.grad] + [p.grad for p in layer.parameters()], seen.shapes))

@@ -137,19 +137,6 @@ def run_layer(layer, x, ids, cot, mask=None, requires_grad=True):
     return x, out
 
 
-class GemmRows(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the batch shape [B, M, K] of every bmm's first operand (the padded expert GEMMs)."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.bmm.default:
-            self.shapes.append(tuple(args[0].shape))
-        return func(*args, **(kwargs or {}))
-
-
 # ----------------------------------------------------------------------------- the ranks
 
 
@@ -159,7 +146,7 @@ def _run_case(name: str, case: Case, world: int, rank: int, requires_grad: bool 
     layer = MoELayer(make_cfg(case), ep_group=group).to(case.dtype)
     layer.load_state_dict(shard_state_dict(full.state_dict(), layer))
     x_in, ids, cot, mask = rank_inputs(name, case, world, rank)
-    with GemmRows() as gemms:
+    with conftest.BmmShapes() as gemms:
         x, out = run_layer(layer, x_in, ids, cot, mask, requires_grad)
     stats = layer.stats
     moe_kit.update_expert_bias(layer, group)
