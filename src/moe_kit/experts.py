@@ -65,6 +65,12 @@ class SharedExpert(Expert):
         return out
 
 
+def expert_settings(cfg) -> dict:
+    """GroupedExperts' keyword arguments from a MoEConfig (bias, activation, clamp, backend, determinism)."""
+    return dict(bias=cfg.expert_proj_bias, activation=cfg.activation, swiglu_limit=cfg.swiglu_limit,
+                backend=cfg.backend, deterministic=cfg.deterministic)
+
+
 def _local(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """t's local tensor (a DTensor's shard on this rank; differentiable), in `dtype` when given."""
     if hasattr(t, "to_local"):  # a DTensor parameter (moe_kit.distributed.parallelize)

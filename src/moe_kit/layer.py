@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from moe_kit.config import MoEConfig
-from moe_kit.ep import AllToAllDispatcher, check_same_config, expert_settings, expert_slice, local_experts
-from moe_kit.experts import GroupedExperts, SharedExpert
+from moe_kit.ep import AllToAllDispatcher, check_same_config, expert_slice, local_experts
+from moe_kit.experts import GroupedExperts, SharedExpert, expert_settings
 from moe_kit.gates import ExpertChoiceGate, HashGate, SinkhornGate, TopKGate
 from moe_kit.gates.router import autocast_enabled, cast, flat_token_mask
 from moe_kit.ops.dispatcher import Dispatched, LocalDispatcher

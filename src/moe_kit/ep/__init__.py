@@ -14,14 +14,13 @@ all-reduce, checkpoint sharding) live on the top floor in `moe_kit.distributed`.
 
 from moe_kit.ep.agreement import check_same_config
 from moe_kit.ep.all_to_all import all_to_all, exchange_counts
-from moe_kit.ep.dispatch import AllToAllDispatcher, expert_settings, expert_slice, local_experts
+from moe_kit.ep.dispatch import AllToAllDispatcher, expert_slice, local_experts
 
 __all__ = [
     "check_same_config",
     "all_to_all",
     "exchange_counts",
     "AllToAllDispatcher",
-    "expert_settings",
     "expert_slice",
     "local_experts",
 ]

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from moe_kit.config import MoEConfig
 from moe_kit.ep.all_to_all import all_to_all, exchange_counts
-from moe_kit.experts import GroupedExperts
+from moe_kit.experts import GroupedExperts, expert_settings
 from moe_kit.ops.dispatcher import Dispatched, Dispatcher
 from moe_kit.ops.routing import RoutingPlan, routing_plan
 
@@ -68,11 +68,6 @@ def local_experts(cfg: MoEConfig, group) -> GroupedExperts:
         experts = GroupedExperts(count, cfg.hidden_size, cfg.intermediate_size, **expert_settings(cfg))
     return experts.to(device)
 
-
-def expert_settings(cfg: MoEConfig) -> dict:
-    """GroupedExperts' keyword arguments from a layer config (bias, activation, clamp, backend, determinism)."""
-    return dict(bias=cfg.expert_proj_bias, activation=cfg.activation, swiglu_limit=cfg.swiglu_limit,
-                backend=cfg.backend, deterministic=cfg.deterministic)
 
 
 # ----------------------------------------------------------------------------- steps

@@ -61,7 +61,7 @@ class ExpertChoiceGate(Router):
     def forward(
         self, x: torch.Tensor, *, input_ids: torch.Tensor | None = None, token_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [..., D] -> (weights [N, k] in the router dtype, indices int64 [N, k]); input_ids unused."""
+        """x [..., D] -> (weights [N, K], indices int64 [N, K] with E marking an empty slot); input_ids unused."""
         scores, logits, batch_shape, mask = self._score(x, token_mask)  # [N, E] each
         picked = self._choose(scores.detach(), mask)  # bool [N, E]
         indices = compact_choice(picked)
