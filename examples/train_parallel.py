@@ -27,7 +27,13 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 
 import moe_kit
+from moe_kit import MoELayer
 from moe_kit.distributed import clip_grad_norm_, parallelize
+
+
+def d_rank(dispatcher) -> int:
+    """This rank's index in the dispatcher's expert-parallel group."""
+    return dist.get_rank(dispatcher.group)
 
 
 def main(argv=None) -> float:
@@ -83,6 +89,20 @@ def main(argv=None) -> float:
         bias = "-" if stats.bias is None else f"[{stats.bias.min():+.3f}, {stats.bias.max():+.3f}]"
         aux = "-" if stats.aux_loss is None else f"{stats.aux_loss:.4f}"
         say(f"{name:<16} {stats.max_over_mean_load:>13.2f} {stats.dropped_fraction:>8.1%} {aux:>9} {bias:>17}")
+
+    say("\nall-to-all payload of the last forward, per token per layer (mean over ranks; "
+        "formula: 2 * k * D * b, of which (W - 1) / W leaves the rank under uniform routing)")
+    tokens = inputs.numel()
+    for name, module in model.named_modules():
+        if isinstance(module, MoELayer):
+            d = module.dispatcher
+            leaving = sum(n for r, n in enumerate(d.send_splits) if r != d_rank(d)) + \
+                sum(n for r, n in enumerate(d.recv_splits) if r != d_rank(d))
+            sent = torch.tensor([d.sent_bytes / tokens, leaving * d.sent_bytes / max(d.sent_rows, 1) / tokens])
+            dist.all_reduce(sent)
+            total, out = (sent / world).tolist()
+            say(f"{name:<16} {total:>9.0f} B sent, {out:>9.0f} B leaving the rank "
+                f"(formula {2 * module.cfg.top_k * module.cfg.hidden_size * 4} B, fp32)")
 
     dcp.save(get_model_state_dict(model), checkpoint_id=args.ckpt)
     say(f"\nDCP checkpoint in {args.ckpt} (load it under any dp x ep layout, or in one process)")
