@@ -173,6 +173,11 @@ def _rank_main(rank: int, world: int, layout: str, ckpt: str) -> dict:
             dcp.save(_sharded(model), checkpoint_id=os.path.join(ckpt, layout))
     if layout == "ep2":
         results["mesh_errors"] = _mesh_errors()
+        try:
+            parallelize(build(CKPT_CASE), mesh).moe.reset_parameters()
+            results["reset_error"] = None
+        except ValueError as error:
+            results["reset_error"] = str(error)
         results["sent"] = _sent_bytes(parallelize(build("softmax-gb-z/none/mask"), mesh), rank, world)
     if layout == "dp2ep2":
         results["bug_grads"] = _expert_grads_with_dp_divide(mesh, rank, world)
@@ -427,6 +432,13 @@ def test_parallelize_rejects_a_mesh_not_named_dp_ep(runs):
     for rank in runs["ep2"]:
         assert len(rank["mesh_errors"]) == 2
         assert all("('dp', 'ep')" in message for message in rank["mesh_errors"])
+
+
+def test_reset_parameters_of_parallelized_experts_raises(runs):
+    """A parallelized layer's DTensor experts are not re-drawn in place (which shard gets which
+    draw?): reset_parameters raises a ValueError saying to initialize before parallelize."""
+    for rank in runs["ep2"]:
+        assert rank["reset_error"] is not None and "before parallelize" in rank["reset_error"]
 
 
 def _example_rank(rank: int, world: int, ckpt: str) -> float:

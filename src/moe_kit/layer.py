@@ -92,6 +92,12 @@ class MoELayer(nn.Module):
         self.gate.reset_parameters()
         if self.ep_group is None:
             self.experts.reset_parameters()
+        elif any(hasattr(p, "to_local") for p in self.experts.parameters()):
+            raise ValueError(
+                "reset_parameters on a layer whose experts are DTensors (moe_kit.distributed.parallelize): "
+                "initialize the model before parallelize (on the meta device: to_empty, reset_parameters, then "
+                "parallelize), or load a checkpoint"
+            )
         else:  # as local_experts: one seed drawn alike on every rank, then seed + rank, so ranks differ
             seed = int(torch.randint(0, 2**62, (), device="cpu")) + torch.distributed.get_rank(self.ep_group)
             with torch.random.fork_rng(devices=[]), torch.device("cpu"):

@@ -107,6 +107,7 @@ def _make_expert_parallel(layer: MoELayer, ep_mesh: DeviceMesh, group) -> None:
         local = param.detach()[first : first + count].clone()
         shard = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False)
         setattr(layer.experts, name, nn.Parameter(shard, requires_grad=param.requires_grad))
+    layer.experts.num_experts = count  # this rank's experts, as local_experts builds them
     layer.ep_group = group
     layer.gate.process_group = group
 
