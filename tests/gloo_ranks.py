@@ -40,6 +40,12 @@ def _rank_main(rank: int, compute, world: int, port: int, out_dir: str, collecti
         torch.save(compute(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    # The result is saved and the group destroyed: leave without interpreter teardown, where a
+    # worker thread left by gloo / DCP (torch 2.13) can hit std::terminate ("terminate called without
+    # an active exception", SIGABRT) and fail a rank that finished. Errors above still propagate.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(compute, world: int, out_dir, collective_timeout_s: int = 120) -> list:
