@@ -14,7 +14,7 @@ from moe_kit.activations import ACTIVATIONS, check_activation, gated_activation
 from moe_kit.config import BACKENDS
 from moe_kit.ops.loop import moe_ffn_loop
 from moe_kit.ops.routing import RoutingPlan, routing_plan
-from moe_kit.ops.torch_ops import inference_ffn, moe_ffn_torch, use_grouped_mm
+from moe_kit.ops.torch_ops import inference_ffn, lean_inference_applies, moe_ffn_torch
 
 __all__ = [
     "moe_ffn", "resolve_backend", "check_backend", "routing_plan", "RoutingPlan", "gated_activation", "ACTIVATIONS",
@@ -152,8 +152,10 @@ def dispatch(x, weights, indices, gate_up_proj, down_proj, backend, swiglu_limit
     expert's GEMMs on exactly pad_to rows (torch backend; other backends compute the same values);
     deterministic as moe_ffn's. Picks the backend path, the eager CPU inference path included."""
     has_bias = gate_up_proj_bias is not None or down_proj_bias is not None
-    if backend in ("auto", "torch") and _cpu_inference(x, has_dropped, pad_to, has_bias, deterministic, gate_up_proj,
-                                                       down_proj):
+    if backend in ("auto", "torch") and not torch.is_grad_enabled() and lean_inference_applies(
+            x, gate_up_proj, down_proj, has_dropped, pad_to, has_bias, deterministic):
+        # the eager CPU inference path: it skips the routing plan, backward bookkeeping and the
+        # general path's checks, a third of the experts' time at decode sizes
         return inference_ffn(x, weights, indices, gate_up_proj, down_proj, activation, swiglu_limit)
     backend = resolve_backend(backend, x.device)
     biases = dict(gate_up_proj_bias=gate_up_proj_bias, down_proj_bias=down_proj_bias)
@@ -171,19 +173,6 @@ def dispatch(x, weights, indices, gate_up_proj, down_proj, backend, swiglu_limit
         deterministic = True
     return moe_ffn_torch(x, weights, indices, gate_up_proj, down_proj, swiglu_limit, has_dropped, deterministic,
                          activation=activation, recompute=recompute, pad_to=pad_to, **biases)
-
-
-def _cpu_inference(x, has_dropped, pad_to, has_bias, deterministic, gate_up_proj, down_proj) -> bool:
-    """Whether the routed experts take the eager CPU inference path (torch_ops.inference_ffn): no
-    grad, CPU, not compiling, rows present, nothing dropped or padded, no expert biases, not forced
-    deterministic, and a dtype and widths grouped_mm runs. What it skips (routing plan, backward
-    bookkeeping, the general path's checks) is a third of the experts' time at decode sizes."""
-    return (
-        not torch.is_grad_enabled() and x.device.type == "cpu" and x.shape[0] > 0 and not has_dropped
-        and pad_to is None and not has_bias and deterministic is not True
-        and not torch.compiler.is_compiling()  # compiled: the sorted FFN's custom op (host reads there)
-        and use_grouped_mm(x.dtype, x.device, *gate_up_proj.shape[1:], down_proj.shape[2])
-    )
 
 
 def check_moe_ffn_inputs(x, weights, indices, gate_up_proj, down_proj, gate_up_proj_bias=None,

@@ -429,6 +429,19 @@ def decode_size(num_rows: int, num_experts: int) -> bool:
     return 0 < num_rows <= SMALL_ROWS and num_rows * SMALL_EXPERTS_PER_ROW <= num_experts
 
 
+def lean_inference_applies(x, gate_up, down, has_dropped=False, pad_to=None, has_bias=False,
+                           deterministic=None) -> bool:
+    """Whether inference_ffn / lean_forward may run x [N, D] once no autograd graph is needed: CPU,
+    rows present, not compiling (the sorted FFN's custom op does its host reads there), nothing
+    dropped or padded, no expert biases, not a fixed-order combine (deterministic True), and a
+    dtype and widths grouped_mm runs."""
+    return (
+        x.device.type == "cpu" and x.shape[0] > 0 and not has_dropped and pad_to is None and not has_bias
+        and deterministic is not True and not torch.compiler.is_compiling()
+        and use_grouped_mm(x.dtype, x.device, *gate_up.shape[1:], down.shape[2])
+    )
+
+
 def inference_ffn(x, weights, indices, gate_up, down, activation="silu", limit=None):
     """moe_ffn_torch's pick for eager CPU inference, without its checks and branches: small_ffn
     at decode sizes with many experts, else lean_forward. The caller (MoELayer's inference path)
@@ -482,9 +495,7 @@ def moe_ffn_torch(
         return small_ffn(x, weights, indices, gate_up_proj, down_proj, activation, swiglu_limit, has_dropped, *biases)
     graph = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weights, gate_up_proj, down_proj, *biases))
-    if not has_bias and not graph and not (compiling or has_dropped or deterministic or pad_to is not None) \
-            and x.device.type == "cpu" and indices.numel() \
-            and use_grouped_mm(x.dtype, x.device, *gate_up_proj.shape[1:], down_proj.shape[2]):
+    if not graph and lean_inference_applies(x, gate_up_proj, down_proj, has_dropped, pad_to, has_bias, deterministic):
         return lean_forward(x, weights, indices, gate_up_proj, down_proj, activation, swiglu_limit)
     plan = routing_plan(indices, gate_up_proj.shape[0], has_dropped, pad_to)
     if compiling:
