@@ -14,7 +14,17 @@ from torch import nn
 
 import moe_kit
 from moe_kit import MoEConfig, MoELayer
-from moe_kit.stats import LoadCounter, RoutingMonitor, load_cv, load_matrix, max_violation, plot_routing, score_entropy
+from moe_kit.stats import (
+    LoadCounter,
+    RoutingMonitor,
+    domain_selection,
+    load_cv,
+    load_matrix,
+    max_violation,
+    plot_routing,
+    score_entropy,
+    topk_score_sum,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -95,6 +105,50 @@ def test_score_entropy_formula():
     assert math.isnan(float(score_entropy(torch.zeros(0, 4))))
 
 
+def test_topk_score_sum_formula():
+    uniform = torch.full((3, 8), 0.2)  # normalized to 1/8 each: the top 2 hold 2/8
+    assert float(topk_score_sum(uniform, 2)) == pytest.approx(0.25, rel=1e-6)
+    concentrated = torch.tensor([[0.0, 0.6, 0.4, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    assert float(topk_score_sum(concentrated, 2)) == pytest.approx(1.0, rel=1e-6)
+    # sigmoid-style scores: [1, 1, 2] -> p = [1/4, 1/4, 1/2], top 1 = 1/2; [3, 1, 0] -> 3/4
+    mixed = torch.tensor([[1.0, 1.0, 2.0], [3.0, 1.0, 0.0]])
+    assert float(topk_score_sum(mixed, 1)) == pytest.approx((0.5 + 0.75) / 2, rel=1e-6)
+    assert float(topk_score_sum(mixed, 3)) == pytest.approx(1.0, rel=1e-6)
+    assert math.isnan(float(topk_score_sum(torch.zeros(0, 4), 2)))
+    for k in (0, 5):
+        with pytest.raises(ValueError, match="k"):
+            topk_score_sum(uniform[:, :4], k)
+
+
+def test_domain_selection_frequency_peak_and_spread():
+    # top-2 of 4 experts; code: 10 tokens (20 slots), prose: 5 tokens (10 slots)
+    got = domain_selection({"code": torch.tensor([10, 6, 4, 0]), "prose": torch.tensor([0, 0, 5, 5])}, top_k=2)
+    assert got["frequency"]["code"] == pytest.approx([1.0, 0.6, 0.4, 0.0])  # every code token took expert 0
+    assert got["frequency"]["prose"] == pytest.approx([0.0, 0.0, 1.0, 1.0])
+    assert got["peak"] == {"code": pytest.approx(1.0), "prose": pytest.approx(1.0)} and got["uniform"] == 0.5
+    # shares [.5, .3, .2, 0] vs [0, 0, .5, .5]: 0.5 * (.5 + .3 + .3 + .5)
+    assert got["spread"] == pytest.approx(0.8)
+    same = domain_selection({"a": torch.tensor([3, 3]), "b": torch.tensor([1, 1]), "c": torch.tensor([2, 2])}, 1)
+    assert same["spread"] == 0.0 and same["frequency"]["b"] == pytest.approx([0.5, 0.5])
+    disjoint = domain_selection({"a": torch.tensor([4, 0]), "b": torch.tensor([0, 4])}, 1)
+    assert disjoint["spread"] == pytest.approx(1.0)
+    assert domain_selection({"only": torch.tensor([1, 2])}, 1)["spread"] is None
+
+
+@pytest.mark.parametrize(
+    "loads, top_k, match",
+    [
+        pytest.param({}, 1, "at least one", id="no-domain"),
+        pytest.param({"a": torch.tensor([1, 2]), "b": torch.tensor([1, 2, 3])}, 1, "one \\[E\\] load", id="sizes"),
+        pytest.param({"a": torch.tensor([0, 0])}, 1, "routed slots", id="empty-domain"),
+        pytest.param({"a": torch.tensor([1, 2])}, 3, "top_k", id="k-over-E"),
+    ],
+)
+def test_domain_selection_rejects_bad_input(loads, top_k, match):
+    with pytest.raises(ValueError, match=match):
+        domain_selection(loads, top_k)
+
+
 def test_routing_stats_cv_property():
     layer = MoELayer(MoEConfig(hidden_size=8, intermediate_size=4, num_experts=4, top_k=2))
     layer(torch.randn(16, 8))
@@ -134,6 +188,8 @@ def test_monitor_matches_hand_computed_values():
     assert first["cv"] == pytest.approx(math.sqrt(1.5))  # deviations 2, 0, -1, -1
     assert first["entropy"] == pytest.approx(softmax_row_entropy([10, 0, 0, 0]), abs=1e-6)  # ~1.5e-3
     assert first["entropy_max"] == pytest.approx(math.log(4))
+    top1 = math.exp(10) / (math.exp(10) + 3)  # softmax of [10, 0, 0, 0] at its top expert, k = 1
+    assert first["topk_score_sum"] == pytest.approx(top1, rel=1e-6)
     assert first["dropped_fraction"] == 0.0
     assert first["bias_min"] is None and first["bias_max"] is None
     assert first["aux_loss"] is None and first["z_loss"] is None
@@ -170,6 +226,8 @@ def test_monitor_maxvio_batch_over_micro_batches_and_global_over_an_eval_pass(tm
     rows = monitor.evaluations
     assert [r["layer"] for r in rows] == ["0", "1"] and rows[0]["load"] == [2, 6, 2, 2]
     assert rows[0]["forwards"] == 3 and rows[0]["max_violation"] == pytest.approx(1.0)
+    # every token one-hot: the top-1 score of softmax(10 e_i) in each of the 3 forwards
+    assert rows[0]["topk_score_sum"] == pytest.approx(math.exp(10) / (math.exp(10) + 3), rel=1e-6)
     assert monitor.max_violation_global() == {"0": pytest.approx(1.0), "1": rows[1]["max_violation"]}
     # the per-batch MaxVio of the same pass are 2, 1 and 0: their mean is not MaxVio_global
     assert LoadCounter(model).loads == {}  # a counter sees nothing outside its block
@@ -226,10 +284,31 @@ def test_monitor_entropy_flag_close_and_hash_gate():
             scores = torch.softmax(x @ gate.weight.detach().T, dim=-1)
             expected = float(-(scores * scores.log()).sum(-1).mean())
             assert rows[name]["entropy"] == pytest.approx(expected, rel=1e-5)
+            top2 = float(scores.topk(2, dim=-1).values.sum(-1).mean())
+            assert rows[name]["topk_score_sum"] == pytest.approx(top2, rel=1e-5)
     assert not model["plain"].gate.track_entropy and model["plain"].gate.entropy is None
+    assert model["plain"].gate.topk_score_sum is None
     quiet = RoutingMonitor(model, entropy=False)
     model["plain"](x)
-    assert all(r["entropy"] is None for r in quiet.record(1))
+    assert all(r["entropy"] is None and r["topk_score_sum"] is None for r in quiet.record(1))
+    with quiet.evaluate(2):
+        model["plain"](x)
+    assert quiet.evaluations[0]["topk_score_sum"] is None
+
+
+def test_monitor_topk_score_sum_of_expert_choice_and_sigmoid_gates():
+    cfg = MoEConfig(hidden_size=8, intermediate_size=4, num_experts=4, top_k=2)
+    model = nn.ModuleDict({"ec": MoELayer(cfg.replace(routing="expert_choice", capacity_factor=2.0)),
+                           "sigmoid": MoELayer(cfg.replace(score_func="sigmoid"))})
+    x = torch.randn(6, 8)
+    with RoutingMonitor(model) as monitor:
+        for layer in model.values():
+            layer(x)
+        rows = {r["layer"]: r for r in monitor.record(0)}
+    for name, act in (("ec", lambda z: torch.softmax(z, -1)), ("sigmoid", torch.sigmoid)):
+        scores = act(x @ model[name].gate.weight.detach().T)
+        probs = scores / scores.sum(-1, keepdim=True)
+        assert rows[name]["topk_score_sum"] == pytest.approx(float(probs.topk(2, -1).values.sum(-1).mean()), rel=1e-5)
 
 
 def test_monitor_skips_layers_without_a_forward_and_needs_a_model():

@@ -14,12 +14,17 @@ Legend: N tokens, E experts, L MoE layers, T recorded steps.
             for batch in validation: model(batch)   # MaxVio_global of the pass
     monitor.to_json("routing.json"); monitor.to_markdown("routing.md"); monitor.plot("routing.png")
 
-MaxVio (Wang et al. 2024, arXiv 2408.15664, "Auxiliary-Loss-Free Load Balancing"): (max_i load_i -
-mean load) / mean load, mean load = routed slots / E (the load under perfect balance). MaxVio_batch
-is that of one training batch (a row's load), MaxVio_global that of the loads summed over an
-evaluation pass. Expert specialization as Qiu et al. 2025 (arXiv 2501.11873) measure it (how often
-each expert is chosen for the tokens of each domain) needs a domain label per token, which routing
-alone does not carry: run one LoadCounter per domain's batches and compare the normalized loads.
+MaxVio (Wang et al. 2024, arXiv 2408.15664, section 4.1, Eq. 4): (max_i load_i - mean load) /
+mean load, mean load = routed slots / E (the load under perfect balance). MaxVio_batch is that of
+one training batch (a row's load), MaxVio_global that of the loads summed over an evaluation pass
+(the paper's validation set); the paper reports the mean over layers.
+
+Expert specialization (Qiu et al. 2025, arXiv 2501.11873) is measured two ways in that paper. The
+per-domain selection frequency of each expert (their Figure 1b) needs a domain label per token,
+which routing alone does not carry: count each domain's batches with its own LoadCounter and
+compare the loads (`domain_selection`). The top-k score sum (their section 5, Figure 4a) is a
+routing-only number: `topk_score_sum`, kept per forward by gates that track their entropy and
+reported by the monitor.
 """
 
 from __future__ import annotations
@@ -120,6 +125,61 @@ def score_entropy(scores: torch.Tensor) -> torch.Tensor:
     return -plogp.sum(dim=-1).mean()
 
 
+@torch.no_grad()
+def topk_score_sum(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Router confidence in its top k (Qiu et al. 2025, arXiv 2501.11873, section 5, Figure 4a, "the
+    average of the topK score sums"): mean over tokens of the sum of the k largest entries of
+    p = scores / scores.sum(-1), scores [N, E] (a no-op for softmax scores; sigmoid and sqrtsoftplus
+    scores are normalized per token, as in score_entropy).
+
+    k / E when every token spreads its scores evenly, 1.0 when each token puts all of them on at
+    most k experts. The balancing losses push it down (towards uniform scores), the language-model
+    loss up; Qiu et al. find it higher with global-batch balancing, whose experts specialize. A 0-dim
+    fp32 tensor (nan when N = 0), so reading it costs no host sync.
+    """
+    if not 1 <= k <= scores.shape[-1]:
+        raise ValueError(f"topk_score_sum needs 1 <= k <= E = {scores.shape[-1]}, got k={k}")
+    scores = scores.detach().float()
+    probs = scores / scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return probs.topk(k, dim=-1).values.sum(dim=-1).mean()
+
+
+def domain_selection(loads: dict[str, torch.Tensor], top_k: int) -> dict:
+    """Expert specialization across domains from one layer's per-domain loads (Qiu et al. 2025,
+    arXiv 2501.11873, Figure 1b: "the frequency of each expert selection" for each domain's tokens).
+
+    loads: {domain: [E] routed slots per expert over that domain's tokens} (e.g. one LoadCounter per
+    domain); top_k: experts per token, so that a domain's tokens are its slots / top_k (dropless
+    token choice). Returns a dict: frequency ({domain: [E] floats, the share of the domain's tokens
+    that chose each expert; top_k / E each under uniform routing}), peak ({domain: the largest
+    frequency}), uniform (top_k / E) and spread: the mean over domain pairs of the total-variation
+    distance 0.5 * sum_e |p_a(e) - p_b(e)|, p = load / load.sum(): 0 when every domain uses the
+    experts alike, 1 when no expert serves two domains (None for one domain).
+    """
+    if not loads:
+        raise ValueError("domain_selection needs the loads of at least one domain")
+    sizes = {tuple(load.shape) for load in loads.values()}
+    if len(sizes) != 1 or len(next(iter(sizes))) != 1:
+        raise ValueError(f"domain_selection needs one [E] load per domain, got shapes {sorted(sizes)}")
+    num_experts = next(iter(sizes))[0]
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"domain_selection needs 1 <= top_k <= E = {num_experts}, got top_k={top_k}")
+    frequency, shares = {}, {}
+    for domain, load in loads.items():
+        load = load.detach().double().cpu()
+        slots = float(load.sum())
+        if not slots > 0 or bool((load < 0).any()):
+            raise ValueError(f"domain {domain!r}: its load needs routed slots and no negative count")
+        frequency[domain] = (load * top_k / slots).tolist()
+        shares[domain] = load / slots
+    names = list(shares)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    spread = (sum(0.5 * float((shares[a] - shares[b]).abs().sum()) for a, b in pairs) / len(pairs)
+              if pairs else None)
+    return dict(frequency=frequency, peak={d: max(f) for d, f in frequency.items()}, uniform=top_k / num_experts,
+                spread=spread)
+
+
 # ----------------------------------------------------------------------------- monitor
 
 
@@ -128,7 +188,8 @@ class RoutingMonitor:
 
     Row keys: step, layer (module name), load (list of E ints: routed slots per expert),
     max_violation (MaxVio_batch), max_over_mean, cv, entropy (nats; None when not tracked),
-    entropy_max (log E), dropped_fraction, bias_min / bias_max (None without expert bias), aux_loss,
+    entropy_max (log E), topk_score_sum (see `topk_score_sum`; k / E is uniform; None when not
+    tracked), dropped_fraction, bias_min / bias_max (None without expert bias), aux_loss,
     z_loss. Every number describes the layer's last forward before `record` (call it after the
     optimizer step; with gradient accumulation that is the last micro-batch, unless the step's
     forwards ran inside `with monitor.count() as counter:` and `record(step, counter)` is called:
@@ -137,10 +198,11 @@ class RoutingMonitor:
 
     `with monitor.evaluate(step):` sums every MoE layer's load over the forwards inside (an
     evaluation pass) and appends one row per layer to `evaluations`: step, layer, load, forwards,
-    max_violation (MaxVio_global of the pass), max_over_mean, cv.
+    max_violation (MaxVio_global of the pass), max_over_mean, cv, topk_score_sum (mean over the
+    pass's forwards; None when not tracked).
 
     `entropy=True` sets `track_entropy` on every gate of `model` so each forward keeps a detached
-    mean router entropy (one [N, E] reduction); `close()` turns that off again.
+    mean router entropy and top-k score sum (two [N, E] reductions); `close()` turns that off again.
     A monitor built with `model=None` (e.g. `RoutingMonitor.from_json`) only holds and plots history.
     """
 
@@ -164,8 +226,9 @@ class RoutingMonitor:
         rows = []
         for name, stats in routing_stats(self.model).items():
             gate = getattr(self.model.get_submodule(name), "gate", None)
-            entropy = getattr(gate, "entropy", None) if getattr(gate, "track_entropy", False) else None
-            row = stats_row(step, name, stats, entropy)
+            tracked = getattr(gate, "track_entropy", False)
+            row = stats_row(step, name, stats, getattr(gate, "entropy", None) if tracked else None,
+                            getattr(gate, "topk_score_sum", None) if tracked else None)
             if counter is not None and name in counter.loads:
                 row.update(load_row(counter.loads[name]))
             rows.append(row)
@@ -181,11 +244,12 @@ class RoutingMonitor:
     def evaluate(self, step: int):
         """Context manager: the load of every MoE layer summed over the forwards inside it (one
         evaluation pass, e.g. the validation set), appended to `evaluations` on exit (one row per
-        layer: step, layer, load, forwards, max_violation = MaxVio_global, max_over_mean, cv).
-        Yields the LoadCounter; nothing is appended if the block raises."""
+        layer: step, layer, load, forwards, max_violation = MaxVio_global, max_over_mean, cv,
+        topk_score_sum). Yields the LoadCounter; nothing is appended if the block raises."""
         with self.count() as counter:
             yield counter
-        rows = [dict(step=int(step), layer=name, forwards=counter.forwards[name], **load_row(load))
+        rows = [dict(step=int(step), layer=name, forwards=counter.forwards[name], **load_row(load),
+                     topk_score_sum=counter.topk_score_sum().get(name))
                 for name, load in counter.loads.items()]
         self.evaluations.extend(rows)
 
@@ -200,10 +264,10 @@ class RoutingMonitor:
             raise ValueError("this RoutingMonitor has no model to read (it was built from saved history)")
 
     def close(self) -> None:
-        """Stop the gates computing their entropy (the history stays)."""
+        """Stop the gates computing their entropy and top-k score sum (the history stays)."""
         for gate in self._gates:
             gate.track_entropy = False
-            gate.entropy = None
+            gate.entropy = gate.topk_score_sum = None
         self._gates = []
 
     def __enter__(self) -> RoutingMonitor:
@@ -288,8 +352,9 @@ class RoutingMonitor:
                      evaluations={title or "routing": self.evaluations})
 
 
-def stats_row(step: int, layer: str, stats: RoutingStats, entropy: torch.Tensor | float | None = None) -> dict:
-    """One history row from a layer's RoutingStats (and its gate's mean router entropy)."""
+def stats_row(step: int, layer: str, stats: RoutingStats, entropy: torch.Tensor | float | None = None,
+              score_sum: torch.Tensor | float | None = None) -> dict:
+    """One history row from a layer's RoutingStats (and its gate's mean router entropy and top-k score sum)."""
     bias = stats.bias
     return dict(
         step=int(step),
@@ -297,6 +362,7 @@ def stats_row(step: int, layer: str, stats: RoutingStats, entropy: torch.Tensor 
         **load_row(stats.load),
         entropy=None if entropy is None else _finite(float(entropy)),
         entropy_max=math.log(stats.load.numel()),
+        topk_score_sum=None if score_sum is None else _finite(float(score_sum)),
         dropped_fraction=_finite(stats.dropped_fraction),
         bias_min=None if bias is None else float(bias.min()),
         bias_max=None if bias is None else float(bias.max()),
@@ -326,12 +392,14 @@ class LoadCounter:
             for batch in batches: model(batch)
         counter.loads        # {layer name: int64 [E] summed load}
         counter.forwards     # {layer name: forwards counted}
+        counter.topk_score_sum()   # {layer name: mean over forwards}, for gates tracking it
     """
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.loads: dict[str, torch.Tensor] = {}
         self.forwards: dict[str, int] = {}
+        self._score_sums: dict[str, list[torch.Tensor]] = {}  # each forward's gate.topk_score_sum, if tracked
         self._handles = []
 
     def __enter__(self) -> LoadCounter:
@@ -348,6 +416,9 @@ class LoadCounter:
             load = stats.load.detach().cpu().to(torch.int64)
             self.loads[name] = load if name not in self.loads else self.loads[name] + load
             self.forwards[name] = self.forwards.get(name, 0) + 1
+            gate = getattr(module, "gate", None)
+            if getattr(gate, "track_entropy", False) and gate.topk_score_sum is not None:
+                self._score_sums.setdefault(name, []).append(gate.topk_score_sum)
         return add
 
     def __exit__(self, *exc) -> None:
@@ -358,6 +429,11 @@ class LoadCounter:
     def max_violation(self) -> dict[str, float]:
         """{layer: MaxVio of its summed load}."""
         return {name: max_violation(load) for name, load in self.loads.items()}
+
+    def topk_score_sum(self) -> dict[str, float | None]:
+        """{layer: mean over the counted forwards of its gate's top-k score sum} for layers whose gate
+        tracks it (RoutingMonitor(entropy=True) sets that); non-finite means are None."""
+        return {name: _finite(float(torch.stack(values).mean())) for name, values in self._score_sums.items()}
 
 
 def _finite(value: float) -> float | None:

@@ -36,7 +36,6 @@ from moe_kit.balancing import SUM_FLOOR
 from moe_kit.capacity_rule import capacity_of, decimal_ratio
 from moe_kit.config import MoEConfig, register_scheme_check
 from moe_kit.gates.router import Router, ids_outside
-from moe_kit.stats import score_entropy
 
 
 class ExpertChoiceGate(Router):
@@ -112,7 +111,7 @@ class ExpertChoiceGate(Router):
     def _weights(self, scores, indices, logits, batch_shape, mask) -> torch.Tensor:
         """Router._finish_weights for indices with the marker E: the marked slots weigh 0."""
         if self.track_entropy:
-            self.entropy = score_entropy(scores if mask is None else scores[mask])
+            self._track_scores(scores if mask is None else scores[mask])
         num_experts = self.num_experts
         routed = indices < num_experts
         with torch.no_grad():  # share of real tokens that no expert took

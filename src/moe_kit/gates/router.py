@@ -27,7 +27,7 @@ from moe_kit.config import MoEConfig
 from moe_kit.gates.scores import routing_scores
 from moe_kit.group_balancing import group_balancing_losses
 from moe_kit.ops.capacity import CapacityRule
-from moe_kit.stats import score_entropy
+from moe_kit.stats import score_entropy, topk_score_sum
 
 
 def autocast_enabled(device_type: str) -> bool:
@@ -105,6 +105,7 @@ class Router(nn.Module):
         self.process_group = None  # set by MoELayer(ep_group=...): losses use the group's statistics
         self.track_entropy = False  # set by moe_kit.stats.RoutingMonitor
         self.entropy: torch.Tensor | None = None  # detached mean router entropy of the last forward, if tracked
+        self.topk_score_sum: torch.Tensor | None = None  # detached mean top-k score sum, if tracked (stats)
         self._reset_router()
 
     def _reset_router(self) -> None:
@@ -197,9 +198,14 @@ class Router(nn.Module):
         scores, topk's values (saves the gather). Returns the routing weights [N, k] in the router dtype.
         """
         if self.track_entropy:
-            self.entropy = score_entropy(scores if mask is None else scores[mask])
+            self._track_scores(scores if mask is None else scores[mask])
         weights = self._routing_weights(scores, indices, chosen)
         return self._with_losses(weights, scores, logits, batch_shape, mask, aux_indices)
+
+    def _track_scores(self, scores: torch.Tensor) -> None:
+        """Keep the detached router entropy and top-k score sum of real tokens' scores [N, E] (RoutingMonitor)."""
+        self.entropy = score_entropy(scores)
+        self.topk_score_sum = topk_score_sum(scores, self.top_k)
 
     def _routing_weights(self, scores: torch.Tensor, indices: torch.Tensor, chosen=None) -> torch.Tensor:
         """The routing weights [N, k]: the chosen experts' unbiased scores, normalized (norm_topk_prob)
