@@ -2,7 +2,8 @@
 scheme and seed, measured with the papers' own metrics.
 
     python benchmarks/balance_study.py [--steps 100] [--arms none,aux_1e-2,...] [--seeds 0,1,2]
-                                       [--models e32k4s1,e8k2] [--dim 128] [--out benchmarks/results/cpu/balance-study]
+                                       [--models e32k4s1,e8k2] [--dim 128] [--corpus prose|mixed]
+                                       [--score-func softmax|sigmoid] [--out benchmarks/results/cpu/balance-study]
 
 The default (27 runs: 9 arms x 3 seeds, 100 steps each, one torch thread) takes about 8 minutes on a
 2-core CPU (6.3 minutes measured while other jobs ran); `--dim 256 --models e32k4s1,e8k2 --steps 300`
@@ -10,17 +11,23 @@ is the bigger study the defaults scale down. Results and their reading: docs/bal
 
 Data: the English prose of the Python documentation that ships with the standard library
 (`pydoc_data.topics`), byte-level (vocabulary 256); the last `--val-share` of the bytes is the
-validation split. Model (examples/routing_collapse.py's TinyMoELM): 4 pre-norm blocks of causal
-attention + MoE FFN, D = 128 (--dim), softmax router. Models: `e32k4s1` fine-grained E = 32, k = 4,
-I = D/2, with one shared expert (the default); `e8k2` top-2 of 8, I = 2D. Every optimizer step is
-`--accum` micro-batches of `--micro-batch` sequences (gradient accumulation), the same data and
-initial weights in every arm of a seed.
+validation split. `--corpus mixed` adds a second domain, Python source code: the standard library's
+own modules (CODE_MODULES, about as many bytes as the prose), split the same way; every micro-batch
+then holds one domain (prose, code, prose, code, ...: a step's global batch mixes them, each
+micro-batch does not), the setting of Qiu et al. 2025, where the micro-batch balancing loss pushes
+each domain's tokens evenly over all experts and the global-batch loss does not.
+Model (examples/routing_collapse.py's TinyMoELM): 4 pre-norm blocks of causal attention + MoE FFN,
+D = 128 (--dim), softmax router (--score-func sigmoid: Wang et al.'s gate). Models: `e32k4s1`
+fine-grained E = 32, k = 4, I = D/2, with one shared expert (the default); `e8k2` top-2 of 8,
+I = 2D. Every optimizer step is `--accum` micro-batches of `--micro-batch` sequences (gradient
+accumulation), the same data and initial weights in every arm of a seed.
 
 Arms (one balancing scheme each, everything else equal):
   none             no balancing
   aux_1e-2/1e-3    Switch aux loss, coefficient 1e-2 / 1e-3, per micro-batch (aux_loss_type "global")
   global_batch     the same loss with f counted over the step's micro-batches (aux_loss_type
                    "global_batch", Qiu et al. 2025), coefficient --gb-coef (1e-3)
+  global_batch_1e-2  the same, coefficient 1e-2 (beside aux_1e-2; not in the default --arms)
   lossfree_u1e-3   aux-loss-free expert bias (Wang et al. 2024), u = 1e-3, update_expert_bias per step
   lossfree_scaled  the same with u = 1e-3 * 1000 / steps (the bias can travel as far in this run as
                    u = 1e-3 does in 1000 steps)
@@ -32,7 +39,12 @@ Metrics (moe_kit.stats): MaxVio = (max_i load_i - mean load) / mean load. MaxVio
 training step's load (summed over its micro-batches), mean over layers, averaged over the steps;
 MaxVio_global: of the load summed over the whole validation pass, per layer, mean over layers (the
 table also gives the worst layer). Validation perplexity = exp(mean byte cross-entropy). Dropped /
-unrouted share: dropped slots (capacity) or, for expert choice, tokens no expert took.
+unrouted share: dropped slots (capacity) or, for expert choice, tokens no expert took. Top-k score
+sum (Qiu et al. section 5): mean over validation tokens of the sum of the k largest router scores,
+mean over layers (k/E is uniform). With --corpus mixed, domain spread: per layer, the total-variation
+distance between the experts' shares of the prose and of the code tokens (moe_kit.stats.
+domain_selection; 0: both domains use the experts alike), mean over layers; and peak: the largest
+share of one domain's tokens that one expert takes (Qiu et al. Figure 1b), mean over layers.
 Writes OUT/results.json (environment, settings, per run: metrics and curves), OUT/results.md,
 OUT/results.png (MaxVio_batch and training loss over steps, mean over seeds, one column per model).
 `--render OUT` rebuilds the markdown and PNG from OUT/results.json.
@@ -59,10 +71,13 @@ from routing_collapse import TinyMoELM  # noqa: E402  (the same tiny LM as the r
 
 import moe_kit  # noqa: E402
 from moe_kit import MoEConfig  # noqa: E402
-from moe_kit.stats import RoutingMonitor  # noqa: E402
+from moe_kit.stats import LoadCounter, RoutingMonitor, domain_selection  # noqa: E402
 
 ARMS = ("none", "aux_1e-2", "aux_1e-3", "global_batch", "lossfree_u1e-3", "lossfree_scaled", "aux_z",
         "expert_choice", "sinkhorn")
+EXTRA_ARMS = ("global_batch_1e-2",)  # runnable by --arms, not in the default
+# the code domain of --corpus mixed: standard-library modules, in this order (about 448 KB in Python 3.11)
+CODE_MODULES = ("argparse.py", "dataclasses.py", "enum.py", "functools.py", "inspect.py", "pathlib.py")
 # name: (experts, top_k, expert intermediate size / D, shared experts): e32k4s1 activates 4 * D/2 + D/2
 # (DeepSeekMoE-style fine-grained experts plus one shared), e8k2 activates 2 * 2D (Mixtral-style)
 MODELS = {"e32k4s1": (32, 4, 0.5, 1), "e8k2": (8, 2, 2.0, 0)}
@@ -76,6 +91,27 @@ def load_text() -> bytes:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[key] for key in sorted(topics)).encode("utf-8")
+
+
+def load_code() -> bytes:
+    """The source of the standard-library modules CODE_MODULES, concatenated, as UTF-8 bytes."""
+    import sysconfig
+
+    root = sysconfig.get_paths()["stdlib"]
+    parts = []
+    for name in CODE_MODULES:
+        with open(os.path.join(root, name), encoding="utf-8") as f:
+            parts.append(f.read())
+    return "\n\n".join(parts).encode("utf-8")
+
+
+def load_corpus(corpus: str) -> dict[str, bytes]:
+    """{domain: bytes}: "prose" (pydoc_data.topics) and, for corpus "mixed", "code" (load_code)."""
+    if corpus == "prose":
+        return {"prose": load_text()}
+    if corpus == "mixed":
+        return {"prose": load_text(), "code": load_code()}
+    raise ValueError(f"unknown corpus {corpus!r}; choose prose or mixed")
 
 
 def split_bytes(data: bytes, val_share: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,13 +145,16 @@ def val_batches(ids: torch.Tensor, batch: int, seq: int, max_tokens: int) -> lis
 def arm_config(arm: str, model: str, args) -> MoEConfig:
     experts, top_k, ratio, shared = MODELS[model]
     base = MoEConfig(hidden_size=args.dim, intermediate_size=max(1, round(ratio * args.dim)), num_experts=experts,
-                     top_k=top_k, num_shared_experts=shared, score_func=args.score_func)
+                     top_k=top_k, num_shared_experts=shared, score_func=args.score_func,
+                     norm_topk_prob=False)  # weights = the chosen experts' scores (Wang et al. Eq. 1 and 3)
     if arm == "none":
         return base
     if arm.startswith("aux_1e"):
         return base.replace(aux_loss_coef=float(arm[4:]), aux_loss_type="global")
     if arm == "global_batch":
         return base.replace(aux_loss_coef=args.gb_coef, aux_loss_type="global_batch")
+    if arm == "global_batch_1e-2":
+        return base.replace(aux_loss_coef=1e-2, aux_loss_type="global_batch")
     if arm == "lossfree_u1e-3":
         return base.replace(expert_bias=True, bias_update_rate=1e-3)
     if arm == "lossfree_scaled":
@@ -126,7 +165,7 @@ def arm_config(arm: str, model: str, args) -> MoEConfig:
         return base.replace(routing="expert_choice", capacity_factor=float(top_k))
     if arm == "sinkhorn":
         return base.replace(routing="sinkhorn")
-    raise ValueError(f"unknown arm {arm!r}; choose from {list(ARMS)}")
+    raise ValueError(f"unknown arm {arm!r}; choose from {list(ARMS + EXTRA_ARMS)}")
 
 
 def scaled_rate(steps: int) -> float:
@@ -137,14 +176,17 @@ def scaled_rate(steps: int) -> float:
 # ----------------------------------------------------------------------------- one run
 
 
-def run(arm: str, model_name: str, seed: int, args, train_ids, val_data) -> dict:
+def run(arm: str, model_name: str, seed: int, args, train_ids: dict, val_data: dict) -> dict:
+    """Train one arm on one seed; train_ids / val_data: {domain: bytes tensor / batches}, micro-batch i
+    of a step drawn from domain i % (number of domains)."""
     torch.manual_seed(seed)  # same initial weights in every arm of a seed
     cfg = arm_config(arm, model_name, args)
     model = TinyMoELM(256, args.dim, args.heads, cfg, args.layers)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     moe_kit.set_aux_loss_scale(model, 1.0 / args.accum)  # the main loss is divided by accum too
-    batches = train_batches(train_ids, args.micro_batch, args.seq, seed)
-    monitor = RoutingMonitor(model, entropy=False)
+    streams = [train_batches(ids, args.micro_batch, args.seq, 1000 * d + seed)
+               for d, ids in enumerate(train_ids.values())]
+    monitor = RoutingMonitor(model)  # entropy=True: the gates keep their top-k score sum
     losses, val_curve = [], []
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
@@ -153,8 +195,8 @@ def run(arm: str, model_name: str, seed: int, args, train_ids, val_data) -> dict
         optimizer.zero_grad()
         total = 0.0
         with monitor.count() as counter:  # the step's load: all its micro-batches
-            for _ in range(args.accum):
-                inputs, targets = next(batches)
+            for micro in range(args.accum):
+                inputs, targets = next(streams[micro % len(streams)])
                 loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten()) / args.accum
                 loss.backward()  # aux / z losses add their own gradient (scaled 1/accum)
                 total += loss.item()
@@ -179,6 +221,9 @@ def run(arm: str, model_name: str, seed: int, args, train_ids, val_data) -> dict
         maxvio_batch_last10=statistics.mean(batch_vio[-max(1, len(batch_vio) // 10):]),
         dropped_share=statistics.mean(dropped) if dropped else 0.0,
         unrouted_share=final["unrouted_share"],
+        topk_score_sum=final["topk_score_sum"], topk_score_sum_uniform=cfg.top_k / cfg.num_experts,
+        domain_spread=final["domain_spread"], domain_peak=final["domain_peak"],
+        domain_ppl=final["domain_ppl"],
         train_loss_last10=statistics.mean(losses[-max(1, len(losses) // 10):]),
         seconds=seconds, bias_update_rate=cfg.bias_update_rate if cfg.expert_bias else None,
         layers=layers, loss_curve=losses, maxvio_batch_curve=batch_vio, val_curve=val_curve,
@@ -193,22 +238,45 @@ def lr_factor(step: int, steps: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, monitor: RoutingMonitor, step: int, val_data) -> dict:
-    """Validation loss (mean byte cross-entropy) and MaxVio_global (loads summed over the pass)."""
+def evaluate(model, monitor: RoutingMonitor, step: int, val_data: dict) -> dict:
+    """Validation loss (mean byte cross-entropy, overall and per domain), MaxVio_global (loads summed
+    over the pass), top-k score sum and, with two domains, their expert specialization."""
     model.eval()
-    nll, count, unrouted = 0.0, 0, []
+    nll, count, unrouted, domain_loss, domain_loads = 0.0, 0, [], {}, {}
     with monitor.evaluate(step):
-        for inputs, targets in val_data:
-            logits = model(inputs)
-            nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
-            count += targets.numel()
-            unrouted += [s.unrouted_fraction for s in moe_kit.routing_stats(model).values()
-                         if s.unrouted_fraction is not None]
+        for domain, batches in val_data.items():
+            domain_nll, domain_count = 0.0, 0
+            with LoadCounter(model) as counter:
+                for inputs, targets in batches:
+                    logits = model(inputs)
+                    domain_nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+                    domain_count += targets.numel()
+                    unrouted += [s.unrouted_fraction for s in moe_kit.routing_stats(model).values()
+                                 if s.unrouted_fraction is not None]
+            nll, count = nll + domain_nll, count + domain_count
+            domain_loss[domain] = domain_nll / domain_count
+            domain_loads[domain] = counter.loads
     model.train()
     per_layer = monitor.max_violation_global(step)
+    score_sums = [row["topk_score_sum"] for row in monitor.evaluations
+                  if row["step"] == step and row["topk_score_sum"] is not None]
+    spread = peak = None
+    if len(val_data) > 1:  # expert choice: tokens taken as slots / k, so its peak is approximate
+        top_k = moe_layers(model)[0].cfg.top_k
+        selections = [domain_selection({d: loads[layer] for d, loads in domain_loads.items()}, top_k)
+                      for layer in per_layer]
+        spread = statistics.mean(sel["spread"] for sel in selections)
+        peak = statistics.mean(max(sel["peak"].values()) for sel in selections)
     return dict(loss=nll / count, maxvio_global=statistics.mean(per_layer.values()),
                 maxvio_global_worst=max(per_layer.values()), maxvio_global_per_layer=per_layer,
-                unrouted_share=statistics.mean(unrouted) if unrouted else None)
+                unrouted_share=statistics.mean(unrouted) if unrouted else None,
+                topk_score_sum=statistics.mean(score_sums) if score_sums else None,
+                domain_spread=spread, domain_peak=peak,
+                domain_ppl={d: math.exp(loss) for d, loss in domain_loss.items()})
+
+
+def moe_layers(model) -> list:
+    return [m for m in model.modules() if isinstance(m, moe_kit.MoELayer)]
 
 
 # ----------------------------------------------------------------------------- summary and output
@@ -228,8 +296,12 @@ def summarize(runs: list[dict]) -> list[dict]:
                 values = [r[key] for r in group]
                 row[key] = statistics.mean(values)
                 row[key + "_min"], row[key + "_max"] = min(values), max(values)
-            unrouted = [r["unrouted_share"] for r in group if r["unrouted_share"] is not None]
-            row["unrouted_share"] = statistics.mean(unrouted) if unrouted else None
+            for key in ("unrouted_share", "topk_score_sum", "domain_spread", "domain_peak"):
+                values = [r[key] for r in group if r.get(key) is not None]
+                row[key] = statistics.mean(values) if values else None
+            row["topk_score_sum_uniform"] = group[0].get("topk_score_sum_uniform")
+            domains = group[0].get("domain_ppl") or {}
+            row["domain_ppl"] = {d: statistics.mean(r["domain_ppl"][d] for r in group) for d in domains}
             # paired by seed (same data, same initial weights): perplexity minus the no-balancing run's
             none = {r["seed"]: r["val_ppl"] for r in runs if r["model"] == model and r["arm"] == "none"}
             deltas = [r["val_ppl"] - none[r["seed"]] for r in group if r["seed"] in none]
@@ -249,10 +321,11 @@ def mean_jump(curve: list[float]) -> float:
 
 
 def markdown(data: dict) -> str:
-    env, s = data["environment"], data["settings"]
+    env, s, corpus = data["environment"], data["settings"], data["data"]
+    mixed = any(r.get("domain_spread") is not None for r in data["summary"])
     lines = [
         f"Balance study: {s['layers']}-layer byte-level MoE LM (D={s['dim']}, {s['score_func']} router) on "
-        f"pydoc_data.topics ({data['data']['train_bytes']} train / {data['data']['val_bytes']} validation bytes), "
+        f"{corpus_text(corpus)}, "
         f"{s['steps']} steps of {s['accum']} x {s['micro_batch']} x {s['seq']} tokens, seeds {s['seeds']}. "
         f"{env['device_name']}, {env['threads']} threads, torch {env['torch']}, {env['date']}; "
         f"1-min load average {env['load_average_1m']} at start, {env.get('load_average_1m_end')} at end "
@@ -261,11 +334,15 @@ def markdown(data: dict) -> str:
         "Mean over seeds (min-max). Δ ppl: validation perplexity minus the `none` run's of the same seed "
         "(same data and initial weights), mean (min-max). MaxVio_global: validation pass, mean over layers "
         "(worst layer). MaxVio_batch: training steps, mean over layers and steps (last 10% of steps); "
-        "jump: mean |change| of MaxVio_batch from one step to the next over the second half (oscillation).",
+        "jump: mean |change| of MaxVio_batch from one step to the next over the second half (oscillation). "
+        "top-k sum: validation tokens' mean sum of their k largest router scores, mean over layers "
+        "(uniform scores give k/E)." + (" Domain spread: total-variation distance between the experts' shares "
+                                        "of prose and of code tokens, mean over layers (peak: the largest share of "
+                                        "one domain's tokens one expert takes); ppl per domain." if mixed else ""),
         "",
         "| model | arm | val ppl | Δ ppl vs none | MaxVio_global | MaxVio_batch | jump | dropped / unrouted "
-        "| s / run |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| top-k sum |" + (" domain spread (peak) | ppl prose / code |" if mixed else "") + " s / run |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if mixed else "") + "---:|",
     ]
     for r in data["summary"]:
         delta = "-" if r.get("val_ppl_vs_none") is None else (
@@ -273,12 +350,29 @@ def markdown(data: dict) -> str:
         share = "0" if not r["dropped_share"] else f"{r['dropped_share']:.3f} dropped"
         if r["unrouted_share"] is not None:
             share = f"{r['unrouted_share']:.3f} unrouted"
+        score_sum = "-" if r.get("topk_score_sum") is None else (
+            f"{r['topk_score_sum']:.3f} (uniform {r['topk_score_sum_uniform']:.3f})")
+        domain = ""
+        if mixed:
+            spread = "-" if r.get("domain_spread") is None else f"{r['domain_spread']:.3f} ({r['domain_peak']:.3f})"
+            ppl = r.get("domain_ppl") or {}
+            domain = f" {spread} | {ppl.get('prose', float('nan')):.3f} / {ppl.get('code', float('nan')):.3f} |"
         lines.append(
             f"| {r['model']} | {r['arm']} | {r['val_ppl']:.3f} ({r['val_ppl_min']:.3f}-{r['val_ppl_max']:.3f}) "
             f"| {delta} | {r['maxvio_global']:.3f} ({r['maxvio_global_worst']:.3f}) "
             f"| {r['maxvio_batch_mean']:.3f} ({r['maxvio_batch_last10']:.3f}) | {r['maxvio_batch_jump']:.3f} "
-            f"| {share} | {r['seconds']:.1f} |")
+            f"| {share} | {score_sum} |{domain} {r['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def corpus_text(corpus: dict) -> str:
+    """One line on the data: sources and train / validation bytes per domain."""
+    train, val = corpus["train_bytes"], corpus["val_bytes"]
+    if not isinstance(train, dict):  # results written before --corpus existed
+        return f"pydoc_data.topics ({train} train / {val} validation bytes)"
+    sources = corpus["source"]
+    return "; ".join(f"{domain}: {sources[domain]} ({train[domain]} train / {val[domain]} validation bytes)"
+                     for domain in train) + (", one domain per micro-batch" if len(train) > 1 else "")
 
 
 def plot(data: dict, path) -> None:
@@ -370,9 +464,11 @@ def parse_args(argv):
     parser.add_argument("--accum", type=int, default=4, help="micro-batches per optimizer step")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--gb-coef", type=float, default=1e-3, help="aux coefficient of the global_batch arm")
-    parser.add_argument("--score-func", default="softmax")
+    parser.add_argument("--score-func", default="softmax", help="softmax (default) or sigmoid (Wang et al.'s gate)")
+    parser.add_argument("--corpus", default="prose", choices=("prose", "mixed"),
+                        help="prose: pydoc_data.topics; mixed: + standard-library code, one domain per micro-batch")
     parser.add_argument("--val-share", type=float, default=0.1)
-    parser.add_argument("--val-tokens", type=int, default=4096, help="validation tokens per evaluation pass")
+    parser.add_argument("--val-tokens", type=int, default=4096, help="validation tokens per domain per evaluation pass")
     parser.add_argument("--eval-every", type=int, default=0, help="0: steps // 4")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads: this small a model is fastest on 1 (2 threads spin against each "
@@ -383,8 +479,8 @@ def parse_args(argv):
     args.seed_list = [int(s) for s in args.seeds.split(",") if s]
     args.model_list = [m for m in args.models.split(",") if m]
     for arm in args.arm_list:
-        if arm not in ARMS:
-            parser.error(f"unknown arm {arm!r}; choose from {list(ARMS)}")
+        if arm not in ARMS + EXTRA_ARMS:
+            parser.error(f"unknown arm {arm!r}; choose from {list(ARMS + EXTRA_ARMS)}")
     for model in args.model_list:
         if model not in MODELS:
             parser.error(f"unknown model {model!r}; choose from {list(MODELS)}")
@@ -403,8 +499,9 @@ def main(argv=None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    train_ids, val_ids = split_bytes(load_text(), args.val_share)
-    val_data = val_batches(val_ids, 16, args.seq, args.val_tokens)
+    splits = {domain: split_bytes(text, args.val_share) for domain, text in load_corpus(args.corpus).items()}
+    train_ids = {domain: train for domain, (train, _) in splits.items()}
+    val_data = {domain: val_batches(val, 16, args.seq, args.val_tokens) for domain, (_, val) in splits.items()}
     env = moe_bench.environment(torch.device("cpu"), torch.float32, argv)
     env["command"] = "python benchmarks/balance_study.py " + " ".join(argv)
     cells = [(m, a, s) for m in args.model_list for s in args.seed_list for a in args.arm_list]
@@ -429,8 +526,11 @@ def main(argv=None) -> dict:
                                                               MODELS[m], strict=True)) for m in args.model_list},
                     lossfree_scaled_rate=scaled_rate(args.steps))
     data = dict(environment=env, settings=settings,
-                data=dict(source="pydoc_data.topics", train_bytes=len(train_ids), val_bytes=len(val_ids),
-                          val_tokens_per_pass=sum(t.numel() for _, t in val_data)),
+                data=dict(corpus=args.corpus,
+                          source={"prose": "pydoc_data.topics", "code": "stdlib " + ", ".join(CODE_MODULES)},
+                          train_bytes={d: len(train) for d, (train, _) in splits.items()},
+                          val_bytes={d: len(val) for d, (_, val) in splits.items()},
+                          val_tokens_per_pass={d: sum(t.numel() for _, t in b) for d, b in val_data.items()}),
                 wall_seconds=time.perf_counter() - start, summary=summarize(runs), runs=runs)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(data, f)

@@ -239,6 +239,40 @@ def test_balance_study_runs_every_arm_end_to_end(tmp_path):
     (tmp_path / "results.md").unlink()
     balance_study.main(["--render", str(tmp_path)])
     assert (tmp_path / "results.md").read_text() == table
+    for run in saved["runs"]:  # the router's top-k score sum lies between uniform scores (k/E) and 1
+        assert run["topk_score_sum_uniform"] - 1e-6 <= run["topk_score_sum"] <= 1 + 1e-6
+        assert run["domain_spread"] is None and set(run["domain_ppl"]) == {"prose"}
+
+
+def test_balance_study_mixed_corpus_measures_domain_specialization(tmp_path):
+    import balance_study
+
+    arms = "none,aux_1e-3,global_batch,global_batch_1e-2"
+    data = balance_study.main(["--steps", "2", "--seeds", "0", "--models", "e8k2", "--dim", "16", "--heads", "2",
+                               "--layers", "2", "--seq", "8", "--micro-batch", "2", "--accum", "2", "--corpus", "mixed",
+                               "--arms", arms, "--val-tokens", "32", "--out", str(tmp_path)])
+    assert set(data["data"]["train_bytes"]) == {"prose", "code"} and data["data"]["corpus"] == "mixed"
+    assert data["data"]["val_tokens_per_pass"] == {"prose": 32, "code": 32}
+    for run in data["runs"]:
+        assert 0.0 <= run["domain_spread"] <= 1.0
+        assert run["domain_peak"] >= 2 / 8 - 1e-9  # the largest of E frequencies whose mean is k/E
+        # overall validation loss: the token-weighted mean of the two domains' (equal token counts)
+        assert run["val_loss"] == pytest.approx(sum(math.log(p) for p in run["domain_ppl"].values()) / 2)
+    cfg = balance_study.arm_config("global_batch_1e-2", "e8k2", balance_study.parse_args([]))
+    assert (cfg.aux_loss_coef, cfg.aux_loss_type) == (1e-2, "global_batch")
+    table = (tmp_path / "results.md").read_text()
+    assert "domain spread (peak)" in table and "stdlib argparse.py" in table and "| e8k2 | global_batch_1e-2 |" in table
+
+
+def test_balance_study_code_domain_is_python_source():
+    import balance_study
+
+    corpus = balance_study.load_corpus("mixed")
+    assert corpus["prose"] == balance_study.load_text()
+    code = corpus["code"].decode("utf-8")
+    assert len(code) > 300_000 and "def " in code and "class ArgumentParser" in code
+    with pytest.raises(ValueError, match="corpus"):
+        balance_study.load_corpus("poetry")
 
 
 def test_balance_study_arms_and_data():
