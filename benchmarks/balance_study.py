@@ -7,7 +7,8 @@ scheme and seed, measured with the papers' own metrics.
 
 The default (27 runs: 9 arms x 3 seeds, 100 steps each, one torch thread) takes about 6 minutes on a
 2-core CPU (6.0 measured with another study on the other core); `--steps 400` takes 4x as long;
-`--dim 256 --models e32k4s1,e8k2 --steps 300` is the bigger study the defaults scale down. Results and their reading: docs/balance_study.md.
+`--dim 256 --models e32k4s1,e8k2 --steps 300` is the bigger study the defaults scale down. Results and
+their reading: docs/balance_study.md.
 
 Data: the English prose of the Python documentation that ships with the standard library
 (`pydoc_data.topics`), byte-level (vocabulary 256); the last `--val-share` of the bytes is the
