@@ -240,7 +240,9 @@ def test_monitor_maxvio_batch_over_micro_batches_and_global_over_an_eval_pass(tm
     assert RoutingMonitor.from_json(tmp_path / "r.json", until_step=1).evaluations == []
     table = monitor.to_markdown(tmp_path / "r.md")
     assert (tmp_path / "r.md").read_text() == table
-    assert "| 0 | 2 | 1.000 | 1.000 | 2.000 | 0.000 | 1.000 |" in table  # mean / last MaxVio_batch 1, global 1
+    # mean / last MaxVio_batch 1, global 1; top-k (k = 1) score sum of one-hot tokens: softmax(10 e_i) at e_i
+    top1 = math.exp(10) / (math.exp(10) + 3)
+    assert f"| 0 | 2 | 1.000 | 1.000 | 2.000 | 0.000 | 1.000 | {top1:.3f} |" in table
 
 
 def test_monitor_evaluate_appends_nothing_when_the_pass_fails():

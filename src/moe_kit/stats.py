@@ -289,18 +289,20 @@ class RoutingMonitor:
 
     def to_markdown(self, path=None) -> str:
         """A table, one line per layer: steps recorded, mean and last MaxVio_batch, last max/mean
-        load, mean dropped fraction, MaxVio_global of the last evaluation pass. Written to `path` if given."""
+        load, mean dropped fraction, MaxVio_global of the last evaluation pass, mean top-k score sum
+        ("-" when not tracked). Written to `path` if given."""
         last_eval = self.max_violation_global()
         lines = ["| layer | steps | mean MaxVio_batch | last MaxVio_batch | last max/mean load | mean dropped "
-                 "| MaxVio_global (last eval) |", "|---|---:|---:|---:|---:|---:|---:|"]
+                 "| MaxVio_global (last eval) | mean top-k score sum |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for layer in dict.fromkeys([*self.layers(), *last_eval]):
             rows = [row for row in self.history if row["layer"] == layer]
             vio = [row["max_violation"] for row in rows if row.get("max_violation") is not None]
             dropped = [row["dropped_fraction"] for row in rows if row.get("dropped_fraction") is not None]
+            score_sums = [row["topk_score_sum"] for row in rows if row.get("topk_score_sum") is not None]
             last = rows[-1] if rows else {}
             lines.append(f"| {layer} | {len(rows)} | {_fmt(_mean(vio))} | {_fmt(last.get('max_violation'))} "
                          f"| {_fmt(last.get('max_over_mean'))} | {_fmt(_mean(dropped))} "
-                         f"| {_fmt(last_eval.get(layer))} |")
+                         f"| {_fmt(last_eval.get(layer))} | {_fmt(_mean(score_sums))} |")
         text = "\n".join(lines) + "\n"
         if path is not None:
             with open(path, "w") as f:
