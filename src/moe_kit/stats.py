@@ -119,10 +119,15 @@ def score_entropy(scores: torch.Tensor) -> torch.Tensor:
     expert. Works for softmax, sigmoid and sqrtsoftplus scores alike (normalized per token, as the
     Switch aux loss does). A 0-dim fp32 tensor (nan when N = 0), so reading it costs no host sync.
     """
-    scores = scores.detach().float()
-    probs = scores / scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    probs = token_probs(scores)
     plogp = torch.special.xlogy(probs, probs)  # 0 * log 0 = 0
     return -plogp.sum(dim=-1).mean()
+
+
+def token_probs(scores: torch.Tensor) -> torch.Tensor:
+    """scores [N, E] -> detached fp32 p = scores / scores.sum(-1) per token (softmax rows unchanged)."""
+    scores = scores.detach().float()
+    return scores / scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 @torch.no_grad()
@@ -139,9 +144,7 @@ def topk_score_sum(scores: torch.Tensor, k: int) -> torch.Tensor:
     """
     if not 1 <= k <= scores.shape[-1]:
         raise ValueError(f"topk_score_sum needs 1 <= k <= E = {scores.shape[-1]}, got k={k}")
-    scores = scores.detach().float()
-    probs = scores / scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    return probs.topk(k, dim=-1).values.sum(dim=-1).mean()
+    return token_probs(scores).topk(k, dim=-1).values.sum(dim=-1).mean()
 
 
 def domain_selection(loads: dict[str, torch.Tensor], top_k: int) -> dict:
@@ -248,8 +251,9 @@ class RoutingMonitor:
         topk_score_sum). Yields the LoadCounter; nothing is appended if the block raises."""
         with self.count() as counter:
             yield counter
+        score_sums = counter.topk_score_sum()
         rows = [dict(step=int(step), layer=name, forwards=counter.forwards[name], **load_row(load),
-                     topk_score_sum=counter.topk_score_sum().get(name))
+                     topk_score_sum=score_sums.get(name))
                 for name, load in counter.loads.items()]
         self.evaluations.extend(rows)
 
