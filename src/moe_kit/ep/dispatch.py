@@ -69,7 +69,6 @@ def local_experts(cfg: MoEConfig, group) -> GroupedExperts:
     return experts.to(device)
 
 
-
 # ----------------------------------------------------------------------------- steps
 
 

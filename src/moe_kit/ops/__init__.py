@@ -39,14 +39,22 @@ def _triton_interpreting() -> bool:
 def check_backend(backend: str, activation: str = "silu", bias: bool = False) -> None:
     """Fail early, before any tensor exists: unknown name, or "triton" on a machine that cannot run
     it or for experts its kernels lack (another activation than silu, expert biases)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")
+    _check_known(backend)
     if backend == "triton":
         _check_triton_features(activation, bias)
-        if not triton_importable():
-            raise ValueError("backend 'triton' needs the triton package (pip install 'moe-kit[triton]')")
+        _check_triton_installed()
         if not (torch.cuda.is_available() or _triton_interpreting()):
             raise ValueError("backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 to run on CPU)")
+
+
+def _check_known(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")
+
+
+def _check_triton_installed() -> None:
+    if not triton_importable():
+        raise ValueError("backend 'triton' needs the triton package (pip install 'moe-kit[triton]')")
 
 
 def _check_triton_features(activation: str, bias: bool) -> None:
@@ -64,11 +72,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """Map "auto" to the best backend for `device` ("torch"; "triton" on CUDA only once the GPU
     suite has passed, see TRITON_GPU_SUITE_PASSED); reject unknown names and "triton" where it
     cannot run (no triton, or a non-CUDA device outside the Triton interpreter)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")
+    _check_known(backend)
     if backend == "triton":
-        if not triton_importable():
-            raise ValueError("backend 'triton' needs the triton package (pip install 'moe-kit[triton]')")
+        _check_triton_installed()
         if device.type != "cuda" and not _triton_interpreting():
             raise ValueError(
                 f"backend 'triton' runs on CUDA tensors, got device {device}; use 'torch' or 'auto' "
